@@ -1,0 +1,78 @@
+"""fastcache: DeepCache for diffusers U-Net pipelines as compiled graphs with a step dispatcher.
+
+    import fastcache
+    fc = fastcache.accelerate(pipe, cache_interval=3, cache_branch_id=0)
+    fc.warmup(height=512, width=512, batch_size=1)
+    image = pipe("a photo of an astronaut").images[0]
+    fc.disable()
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .accelerate import CallStats, FastCache, WarmupReport
+from .compat import DeepCacheSDHelper
+from .config import FastCacheConfig
+from .errors import (
+    AlreadyAcceleratedError,
+    CompileError,
+    FastCacheError,
+    InvalidConfigError,
+    ShapeNotWarmedError,
+    UnsupportedInputError,
+    UnsupportedPipelineError,
+)
+
+__version__ = "0.1.0"
+
+
+def accelerate(
+    pipe: Any,
+    cache_interval: int = 3,
+    cache_branch_id: int = 0,
+    *,
+    schedule: str | Sequence[int] = "uniform",
+    center: int = 15,
+    power: float = 1.4,
+    compile: bool = True,
+    compile_backend: str = "inductor",
+    cuda_graphs: bool | None = None,
+    emulate_graphs: bool = False,
+    strict: bool = False,
+) -> FastCache:
+    """Run `pipe`'s U-Net as DeepCache's full and shallow graphs. See FastCacheConfig for options.
+
+    Validates everything first: on any error the pipeline is left untouched. Returns the handle
+    whose ``disable()`` restores the pipeline exactly.
+    """
+    config = FastCacheConfig(
+        cache_interval=cache_interval,
+        cache_branch_id=cache_branch_id,
+        schedule=schedule if isinstance(schedule, str) else tuple(schedule),
+        center=center,
+        power=power,
+        compile=compile,
+        compile_backend=compile_backend,
+        cuda_graphs=cuda_graphs,
+        emulate_graphs=emulate_graphs,
+        strict=strict,
+    )
+    return FastCache(pipe, config)
+
+
+__all__ = [
+    "accelerate",
+    "FastCache",
+    "FastCacheConfig",
+    "DeepCacheSDHelper",
+    "CallStats",
+    "WarmupReport",
+    "FastCacheError",
+    "UnsupportedPipelineError",
+    "InvalidConfigError",
+    "AlreadyAcceleratedError",
+    "UnsupportedInputError",
+    "ShapeNotWarmedError",
+    "CompileError",
+]

@@ -1,0 +1,312 @@
+"""`accelerate(pipe)`: install fastcache on a diffusers pipeline; the handle that undoes it.
+
+Two things change on the pipeline, both undone exactly by `FastCache.disable()`:
+
+* ``pipe.unet.forward`` (an instance attribute; the class's forward is untouched) becomes the
+  dispatcher + runner: each U-Net call runs the full or the shallow graph;
+* ``pipe.__class__`` becomes a same-named subclass whose ``__call__`` re-arms the dispatcher, so
+  the first U-Net call of every pipeline call is a refresh.
+
+Nothing else is patched: no sub-module, no weight, no scheduler.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Mapping
+
+import torch
+from torch import Tensor
+
+from .config import FastCacheConfig
+from .dispatch import StepDispatcher
+from .errors import (
+    AlreadyAcceleratedError,
+    CompileError,
+    InvalidConfigError,
+    ShapeNotWarmedError,
+    UnsupportedInputError,
+    UnsupportedPipelineError,
+)
+from .graphs import GraphRunner
+from .runtime import CompiledFunctions, CompiledRunner, EagerRunner, Runner, StepInputs, describe_key
+from .schedule import ExplicitSchedule, UniformSchedule
+from .unet_split import UNetSplit
+
+logger = logging.getLogger("fastcache")
+
+_SDXL_ADDED_CONDITIONS = frozenset({"text_embeds", "time_ids"})
+
+
+@dataclass
+class CallStats:
+    """Host-side counters of what the dispatcher decided (no device values)."""
+
+    pipeline_calls: int = 0
+    refresh_steps: int = 0
+    cached_steps: int = 0
+    # One entry per U-Net call of the latest pipeline call: True = refresh (full graph).
+    last_call: list[bool] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WarmupReport:
+    """What one warmup() call prepared and how long it took."""
+
+    seconds: float
+    new_shapes: tuple[str, ...]
+    compilations: int
+
+
+def _pipeline_unet(pipe: Any) -> Any:
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not callable(pipe) or not hasattr(pipe, "scheduler"):
+        raise UnsupportedPipelineError(
+            f"{type(pipe).__name__} is not a pipeline fastcache can accelerate: it needs a `unet` "
+            "(UNet2DConditionModel) and a `scheduler`, as StableDiffusion*/StableDiffusionXL* pipelines have"
+        )
+    if getattr(pipe, "controlnet", None) is not None:
+        raise UnsupportedPipelineError(
+            f"{type(pipe).__name__}: ControlNet pipelines are not supported yet (their residuals must "
+            "be applied inside the shallow branch); run it without fastcache for now"
+        )
+    return unet
+
+
+def _accelerated_class(base: type, handle: "FastCache") -> type:
+    """A subclass of `base`, named like it, whose __call__ re-arms `handle` first."""
+    base_call = base.__call__
+
+    @functools.wraps(base_call)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        handle._begin_pipeline_call()
+        return base_call(self, *args, **kwargs)
+
+    namespace = {
+        "__call__": __call__,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+        "_fastcache_handle": handle,
+    }
+    return type(base.__name__, (base,), namespace)
+
+
+def _make_runner(split: UNetSplit, config: FastCacheConfig, device: torch.device) -> Runner:
+    use_graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
+    if use_graphs and device.type != "cuda":
+        raise InvalidConfigError(f"cuda_graphs=True needs the U-Net on a CUDA device; it is on {device}")
+    compiled = CompiledFunctions(split, config.compile_backend, config.strict) if config.compile else None
+    if use_graphs or config.emulate_graphs:
+        return GraphRunner(split, compiled, emulate=not use_graphs, strict=config.strict)
+    if compiled is not None:
+        return CompiledRunner(compiled)
+    return EagerRunner(split)
+
+
+class FastCache:
+    """The handle `accelerate` returns: warm-up, counters, and `disable()`.
+
+    Construction validates everything before touching the pipeline; any error leaves it as it was.
+    """
+
+    def __init__(self, pipe: Any, config: FastCacheConfig) -> None:
+        config.validate()
+        schedule = config.refresh_schedule()
+        unet = _pipeline_unet(pipe)
+        split = UNetSplit(unet, config.cache_branch_id)
+        if getattr(type(pipe), "_fastcache_handle", None) is not None:
+            raise AlreadyAcceleratedError(
+                "this pipeline is already accelerated by fastcache; call disable() on its handle first"
+            )
+        previous_forward = vars(unet).get("forward")
+        if previous_forward is not None and previous_forward != type(unet).forward.__get__(unet):
+            raise AlreadyAcceleratedError(
+                "pipe.unet.forward is already replaced by another tool (is DeepCache's helper enabled?); "
+                "disable it before fastcache.accelerate"
+            )
+        self.config = config
+        self.pipe = pipe
+        self.unet = unet
+        self.split = split
+        self.stats = CallStats()
+        self._device = unet.device
+        self._dispatcher = StepDispatcher(schedule)
+        self._runner = _make_runner(split, config, self._device)
+        self._original_class = type(pipe)
+        self._previous_forward = previous_forward  # an instance attribute left by another tool, or None
+        self._seen_keys: set[Hashable] = set()
+        self.enabled = False
+        try:
+            unet.forward = self._unet_forward
+            pipe.__class__ = _accelerated_class(self._original_class, self)
+        except BaseException:
+            self._uninstall()
+            raise
+        self.enabled = True
+
+    # -- public ----------------------------------------------------------------------------------
+    @property
+    def compilations(self) -> int:
+        """Graphs compiled by this handle so far (one per function and shape)."""
+        return self._runner.compilations
+
+    def warmup(
+        self,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int = 1,
+        num_inference_steps: int = 3,
+        **call_kwargs: Any,
+    ) -> WarmupReport:
+        """Compile (and on CUDA capture) both graphs for one resolution and batch size.
+
+        Runs the pipeline once with an empty prompt, `num_inference_steps` steps, latent output, a
+        fixed generator, and the schedule forced to refresh at step 0 only, so the full and the
+        shallow graph both run. Pass any other call argument (``guidance_scale``, ``image`` and
+        ``strength`` for img2img...) as the serving calls will: the shapes must match theirs.
+        """
+        self._require_enabled()
+        kwargs: dict[str, Any] = dict(
+            prompt="",
+            num_images_per_prompt=batch_size,
+            num_inference_steps=num_inference_steps,
+            output_type="latent",
+            generator=torch.Generator("cpu").manual_seed(0),
+        )
+        if height is not None:
+            kwargs["height"] = height
+        if width is not None:
+            kwargs["width"] = width
+        kwargs.update(call_kwargs)
+        caching = not (isinstance(self._dispatcher.schedule, UniformSchedule) and self._dispatcher.schedule.interval == 1)
+        self._dispatcher.force(ExplicitSchedule(frozenset({0})) if caching else UniformSchedule(1))
+        self._runner.allow_new_shapes = True
+        before, known = self.compilations, set(self._seen_keys)
+        start = time.perf_counter()
+        try:
+            self.pipe(**kwargs)
+            if self._device.type == "cuda":
+                torch.cuda.synchronize(self._device)
+        finally:
+            self._dispatcher.force(None)
+            if self.enabled:
+                self._runner.allow_new_shapes = not self.config.strict
+        if caching and not any(not refresh for refresh in self.stats.last_call):
+            logger.warning(
+                "warm-up ran no cached step, so the shallow graph is not prepared; give warmup() "
+                "enough steps (num_inference_steps, img2img strength) for at least two to run"
+            )
+        new = tuple(describe_key(key) for key in self._seen_keys - known)
+        return WarmupReport(time.perf_counter() - start, new, self.compilations - before)
+
+    def reset(self) -> None:
+        """Make the next U-Net call a refresh (for custom loops that call pipe.unet directly)."""
+        self._dispatcher.rearm()
+
+    def disable(self) -> None:
+        """Restore the pipeline exactly as it was and free graphs and cached features."""
+        if not self.enabled:
+            return
+        self._uninstall()
+        self._runner.release()
+        self.enabled = False
+
+    # -- internals -------------------------------------------------------------------------------
+    def _require_enabled(self) -> None:
+        if not self.enabled:
+            raise RuntimeError("this fastcache handle is disabled; call fastcache.accelerate(pipe) again")
+
+    def _uninstall(self) -> None:
+        if vars(self.unet).get("forward") == self._unet_forward:
+            if self._previous_forward is None:
+                del self.unet.forward
+            else:
+                self.unet.forward = self._previous_forward
+        if getattr(type(self.pipe), "_fastcache_handle", None) is self:
+            self.pipe.__class__ = self._original_class
+
+    def _begin_pipeline_call(self) -> None:
+        self._dispatcher.rearm()
+        self.stats.pipeline_calls += 1
+        self.stats.last_call = []
+
+    def _unet_forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float | int,
+        encoder_hidden_states: Tensor,
+        class_labels: Tensor | None = None,
+        timestep_cond: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        cross_attention_kwargs: Mapping[str, Any] | None = None,
+        added_cond_kwargs: Mapping[str, Tensor] | None = None,
+        down_block_additional_residuals: tuple[Tensor, ...] | None = None,
+        mid_block_additional_residual: Tensor | None = None,
+        down_intrablock_additional_residuals: tuple[Tensor, ...] | None = None,
+        encoder_attention_mask: Tensor | None = None,
+        return_dict: bool = True,
+    ) -> Any:
+        """Replaces ``pipe.unet.forward``; same signature and return type as diffusers'."""
+        unsupported = [
+            name
+            for name, value in (
+                ("ControlNet residuals", down_block_additional_residuals or mid_block_additional_residual),
+                ("T2I-Adapter residuals", down_intrablock_additional_residuals),
+                ("class_labels", class_labels),
+                ("attention_mask", attention_mask),
+                ("encoder_attention_mask", encoder_attention_mask),
+                ("cross_attention_kwargs (e.g. a LoRA scale)", cross_attention_kwargs),
+            )
+            if value is not None and not (isinstance(value, Mapping) and not value)
+        ]
+        extra = set(added_cond_kwargs or {}) - _SDXL_ADDED_CONDITIONS
+        if extra:
+            unsupported.append(f"added_cond_kwargs {sorted(extra)} (e.g. IP-Adapter image_embeds)")
+        if not torch.is_tensor(encoder_hidden_states):
+            unsupported.append(f"encoder_hidden_states of type {type(encoder_hidden_states).__name__}")
+        if unsupported:
+            raise UnsupportedInputError(
+                "fastcache cannot run this U-Net call yet: it passes " + ", ".join(unsupported)
+                + ". Call disable() on the fastcache handle to run this pipeline without it."
+            )
+        if sample.device != self._device:
+            raise UnsupportedInputError(
+                f"the U-Net was accelerated on {self._device} but now runs on {sample.device}; "
+                "call disable() and accelerate again after moving the pipeline"
+            )
+        inputs = StepInputs.from_unet_call(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond)
+        key = inputs.key()
+        self._seen_keys.add(key)
+        refresh = self._dispatcher.next_call(self.pipe.scheduler, key)
+        with torch.no_grad():
+            noise = self._run(refresh, key, inputs)
+        self.stats.last_call.append(refresh)
+        if refresh:
+            self.stats.refresh_steps += 1
+        else:
+            self.stats.cached_steps += 1
+        if not return_dict:
+            return (noise,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=noise)
+
+    def _run(self, refresh: bool, key: Hashable, inputs: StepInputs) -> Tensor:
+        runner = self._runner
+        if runner.is_prepared(key, refresh):
+            return runner.refresh(key, inputs) if refresh else runner.cached(key, inputs)
+        try:
+            return runner.refresh(key, inputs) if refresh else runner.cached(key, inputs)
+        except ShapeNotWarmedError:
+            raise
+        except Exception as error:
+            self.disable()
+            raise CompileError(
+                f"fastcache could not prepare the {'full' if refresh else 'shallow'} U-Net graph for "
+                f"{describe_key(key)}: {type(error).__name__}: {error}\nThe pipeline was restored to its "
+                "original state. To narrow it down, accelerate with cuda_graphs=False, then compile=False."
+            ) from error

@@ -1,0 +1,56 @@
+"""FastCacheConfig: every option of `fastcache.accelerate`, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import InvalidConfigError
+from .schedule import RefreshSchedule, make_schedule
+
+
+@dataclass(frozen=True)
+class FastCacheConfig:
+    """Options of `fastcache.accelerate`. Every optimisation can be switched off here."""
+
+    # Steps between refreshes of the cached deep features; 1 turns caching off.
+    cache_interval: int = 3
+    # DeepCache's skip-branch id: 0 (shallowest, fastest) .. levels * (layers_per_block + 1) - 1.
+    cache_branch_id: int = 0
+    # "uniform" (every cache_interval steps), "quadratic" (DeepCache's non-uniform schedule, dense
+    # around `center`), or an explicit sequence of refresh steps. Step 0 always refreshes.
+    schedule: str | Sequence[int] = "uniform"
+    # Quadratic schedule only: DeepCache's `center` and `pow`, with its published defaults.
+    center: int = 15
+    power: float = 1.4
+    # torch.compile both graphs (inductor, fullgraph, static shapes). False runs the same split
+    # eagerly: the exact reference, and the way to debug.
+    compile: bool = True
+    # torch.compile backend; "inductor" in production. Tests use "eager"/"aot_eager" to check that
+    # dynamo traces every branch without graph breaks at a fraction of inductor's compile time.
+    compile_backend: str = "inductor"
+    # Capture and replay CUDA Graphs. None: on for CUDA devices, off elsewhere.
+    cuda_graphs: bool | None = None
+    # Debugging and CPU tests: graph replay semantics (static buffers, in-place kept features)
+    # without CUDA, by re-running the function into the captured outputs.
+    emulate_graphs: bool = False
+    # Serving: a shape that warmup() did not prepare, or a recompilation, raises instead of
+    # compiling on the hot path.
+    strict: bool = False
+
+    def refresh_schedule(self) -> RefreshSchedule:
+        """The validated schedule (raises InvalidConfigError on bad values)."""
+        return make_schedule(self.schedule, self.cache_interval, self.center, self.power)
+
+    def validate(self) -> None:
+        """Check everything that does not depend on the U-Net (the branch id is checked there)."""
+        self.refresh_schedule()
+        for name in ("compile", "emulate_graphs", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.cuda_graphs not in (None, True, False):
+            raise InvalidConfigError(f"cuda_graphs must be None (auto), True or False, got {self.cuda_graphs!r}")
+        if self.emulate_graphs and self.cuda_graphs:
+            raise InvalidConfigError("emulate_graphs and cuda_graphs exclude each other")
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            raise InvalidConfigError(f"compile_backend must be a torch.compile backend name, got {self.compile_backend!r}")

@@ -1,0 +1,76 @@
+"""The step dispatcher: for each U-Net call, refresh (full graph) or cached (shallow graph)?
+
+Everything it reads lives on the host: a call counter, the scheduler's Python-side state and the
+shapes of the inputs. It never reads a device value, so it never synchronises with the GPU
+(DeepCache's helper looks the timestep up with ``.item()`` on every call).
+
+Rules:
+
+* `rearm()` runs at the start of every pipeline call: the first U-Net call after it is a refresh,
+  whatever the previous call did (resolution, batch, strength, scheduler).
+* Steps are counted as the user sees them. Second-order schedulers (Heun, DPM2, DPM++ SDE) call
+  the U-Net twice per step; the scheduler says which evaluation comes next through its
+  ``state_in_first_order`` flag, and both evaluations of a step take the same decision: a refresh
+  step runs the full graph for its first evaluation and for its correction. (DeepCache maps the
+  timestep to a step with ``timesteps.index(t)``, which is wrong there: Heun repeats timesteps.)
+* A cached call is only allowed at the shape of the last refresh; any other shape refreshes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+from .schedule import RefreshSchedule
+
+
+def steps_in_call(scheduler: Any) -> int | None:
+    """How many user-visible steps the current pipeline call runs, from the scheduler's state.
+
+    ``num_inference_steps`` less the steps an img2img pipeline skipped (recorded as the scheduler's
+    ``begin_index``, counted in U-Net evaluations). None when the scheduler does not say.
+    """
+    num_steps = getattr(scheduler, "num_inference_steps", None)
+    if not isinstance(num_steps, int):
+        return None
+    begin = getattr(scheduler, "begin_index", None)
+    if isinstance(begin, int) and begin > 0:
+        num_steps -= begin // max(int(getattr(scheduler, "order", 1)), 1)
+    return max(num_steps, 1)
+
+
+def is_second_evaluation(scheduler: Any) -> bool:
+    """True when the next U-Net call is the correction of a second-order scheduler's step."""
+    return getattr(scheduler, "state_in_first_order", True) is False
+
+
+class StepDispatcher:
+    """Turns the sequence of U-Net calls of each pipeline call into refresh/cached decisions."""
+
+    def __init__(self, schedule: RefreshSchedule) -> None:
+        self.schedule = schedule
+        self._forced: RefreshSchedule | None = None
+        self.rearm()
+
+    def rearm(self) -> None:
+        """Start a new pipeline call: the next U-Net call refreshes."""
+        self.step = -1
+        self._num_steps: int | None = None
+        self._step_refreshes = True
+        self._refreshed_key: Hashable | None = None
+
+    def force(self, schedule: RefreshSchedule | None) -> None:
+        """Use `schedule` instead of the configured one until called with None (warm-up)."""
+        self._forced = schedule
+
+    def next_call(self, scheduler: Any, shape_key: Hashable) -> bool:
+        """Decide the next U-Net call; True means refresh."""
+        if self.step < 0 or not is_second_evaluation(scheduler):
+            self.step += 1
+            if self.step == 0:
+                self._num_steps = steps_in_call(scheduler)
+            schedule = self._forced or self.schedule
+            self._step_refreshes = self.step == 0 or schedule.is_refresh(self.step, self._num_steps)
+        refresh = self._step_refreshes or shape_key != self._refreshed_key
+        if refresh:
+            self._refreshed_key = shape_key
+        return refresh

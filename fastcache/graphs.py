@@ -1,0 +1,159 @@
+"""CUDA Graph capture and replay of a split's two functions, one pair of graphs per shape key.
+
+For each shape key: static input buffers (cloned from the first call), the full graph (its
+outputs are the noise buffer and the *kept* buffer, both allocated once at capture), and the
+shallow graph, captured reading that same kept buffer. A refresh replay rewrites the kept buffer in
+place, so a cached replay reads the features of the latest refresh with no copy. Every graph of
+every shape shares one memory pool. Replay is: copy inputs into the static buffers, replay,
+return a clone of the output (the clone belongs to the caller; the static buffer is overwritten
+by the next replay).
+
+``emulate=True`` keeps all of this but replaces ``torch.cuda.CUDAGraph`` with re-running the
+function into the same output tensors: the buffer plumbing is then testable on a CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable
+
+import torch
+from torch import Tensor
+
+from .runtime import CompiledFunctions, Runner, StepInputs, not_warmed_error
+from .unet_split import UNetSplit
+
+# Runs of each function on a side stream before capture: the first compiles and autotunes, the
+# second lets lazy initialisation (cuDNN/cuBLAS handles, allocator growth) settle outside the graph.
+WARMUP_RUNS = 2
+
+
+def _as_tuple(value: Any) -> tuple[Tensor, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+class CapturedFunction:
+    """A zero-argument function captured once; `replay` writes into the same `outputs`."""
+
+    def __init__(self, function: Callable[[], Any], pool: Any, emulate: bool) -> None:
+        self._function = function if emulate else None
+        self._graph: Any = None
+        if emulate:
+            self.outputs = function()
+            return
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph, pool=pool):
+            self.outputs = function()
+
+    def replay(self) -> None:
+        if self._graph is not None:
+            self._graph.replay()
+            return
+        for static, fresh in zip(_as_tuple(self.outputs), _as_tuple(self._function())):
+            static.copy_(fresh)
+
+
+class ShapeGraphs:
+    """Static inputs and the captured graphs of one shape key."""
+
+    def __init__(self, inputs: StepInputs) -> None:
+        self.static = StepInputs(
+            inputs.sample.clone(),
+            inputs.timestep.clone(),
+            inputs.encoder_hidden_states.clone(),
+            {name: value.clone() for name, value in inputs.added.items()},
+        )
+        self._static_tensors = self.static.tensors()
+        self.full: CapturedFunction | None = None
+        self.shallow: CapturedFunction | None = None
+
+    def load(self, inputs: StepInputs) -> None:
+        """Copy this call's inputs into the static buffers (device copies, no sync)."""
+        for name, tensor in inputs.tensors().items():
+            self._static_tensors[name].copy_(tensor)
+
+    @property
+    def kept(self) -> Tensor:
+        assert self.full is not None
+        return self.full.outputs[1]
+
+
+class GraphRunner(Runner):
+    """Replays captured graphs of the (compiled or eager) split; see the module docstring."""
+
+    def __init__(
+        self, split: UNetSplit, compiled: CompiledFunctions | None, emulate: bool = False, strict: bool = False
+    ) -> None:
+        super().__init__()
+        self.split = split
+        self.compiled = compiled
+        self.emulate = emulate
+        self.allow_new_shapes = not strict
+        self.captures = 0
+        self._shapes: dict[Hashable, ShapeGraphs] = {}
+        self._pool: Any = None
+
+    # -- Runner interface ------------------------------------------------------------------------
+    def is_prepared(self, key: Hashable, refresh: bool) -> bool:
+        graphs = self._shapes.get(key)
+        return graphs is not None and (graphs.full if refresh else graphs.shallow) is not None
+
+    def refresh(self, key: Hashable, inputs: StepInputs) -> Tensor:
+        graphs = self._shapes.get(key)
+        if graphs is None:
+            graphs = self._capture_full(key, inputs)
+        graphs.load(inputs)
+        assert graphs.full is not None
+        graphs.full.replay()
+        return graphs.full.outputs[0].clone()
+
+    def cached(self, key: Hashable, inputs: StepInputs) -> Tensor:
+        graphs = self._shapes[key]  # the dispatcher refreshed this key earlier in the call
+        if graphs.shallow is None:
+            self._capture_shallow(key, graphs)
+        graphs.load(inputs)
+        assert graphs.shallow is not None
+        graphs.shallow.replay()
+        return graphs.shallow.outputs.clone()
+
+    def release(self) -> None:
+        self._shapes.clear()
+        self._pool = None
+
+    @property
+    def compilations(self) -> int:
+        return self.compiled.count if self.compiled is not None else 0
+
+    # -- capture ---------------------------------------------------------------------------------
+    def _run(self, which: str, key: Hashable, *args: Any) -> Any:
+        if self.compiled is not None:
+            return self.compiled.call(which, key, True, *args)
+        return getattr(self.split, which)(*args)
+
+    def _capture(self, function: Callable[[], Any]) -> CapturedFunction:
+        if not self.emulate:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(WARMUP_RUNS):
+                    function()
+            torch.cuda.current_stream().wait_stream(stream)
+        captured = CapturedFunction(function, self._pool, self.emulate)
+        self.captures += 1
+        return captured
+
+    def _check_new(self, key: Hashable, which: str) -> None:
+        if not self.allow_new_shapes:
+            raise not_warmed_error(key, which, [k for k, g in self._shapes.items() if g.full is not None])
+
+    def _capture_full(self, key: Hashable, inputs: StepInputs) -> ShapeGraphs:
+        self._check_new(key, "full")
+        graphs = ShapeGraphs(inputs)
+        graphs.full = self._capture(lambda: self._run("full", key, *graphs.static.args()))
+        self._shapes[key] = graphs
+        return graphs
+
+    def _capture_shallow(self, key: Hashable, graphs: ShapeGraphs) -> None:
+        self._check_new(key, "shallow")
+        graphs.shallow = self._capture(lambda: self._run("shallow", key, *graphs.static.args(), graphs.kept))

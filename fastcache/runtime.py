@@ -1,0 +1,226 @@
+"""Runtime mechanics: the inputs of one U-Net call, and the runners that execute the split.
+
+A runner executes a `UNetSplit` for one shape key at a time: ``refresh`` runs the full function
+and keeps its features, ``cached`` runs the shallow function on them. Three runners:
+
+* `EagerRunner`: the split as plain PyTorch; the exact reference path (``compile=False``).
+* `CompiledRunner`: both functions under ``torch.compile`` (``fullgraph=True``, static shapes).
+  One dynamo cache entry per shape key; a new key compiles on first use (or raises in strict
+  mode) and the recompile limit raises instead of silently falling back to eager.
+* `GraphRunner` (in graphs.py): the compiled functions captured as CUDA Graphs per shape key.
+
+None of them knows U-Net structure (unet_split.py) or when to refresh (dispatch.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import ShapeNotWarmedError
+from .unet_split import ADDED_CONDITIONS, UNetSplit
+
+# Per compiled function: how many shape keys dynamo may hold before it raises (never eager).
+RECOMPILE_LIMIT = 64
+
+
+@dataclass
+class StepInputs:
+    """The tensors of one U-Net call, normalised so that equal shape keys trace the same graph.
+
+    The timestep becomes a ``(batch,)`` float32 tensor on the sample's device (diffusers' time
+    projection casts it to float32 anyway, so values are unchanged), built without a host sync.
+    """
+
+    sample: Tensor
+    timestep: Tensor
+    encoder_hidden_states: Tensor
+    added: dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_unet_call(
+        cls,
+        sample: Tensor,
+        timestep: Tensor | float | int,
+        encoder_hidden_states: Tensor,
+        added_cond_kwargs: Mapping[str, Tensor] | None = None,
+        timestep_cond: Tensor | None = None,
+    ) -> "StepInputs":
+        batch = sample.shape[0]
+        if torch.is_tensor(timestep):
+            timestep = timestep.to(device=sample.device, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
+        else:
+            timestep = torch.full((batch,), float(timestep), dtype=torch.float32, device=sample.device)
+        added = {name: value for name, value in (added_cond_kwargs or {}).items() if value is not None}
+        if timestep_cond is not None:
+            added["timestep_cond"] = timestep_cond
+        return cls(sample, timestep, encoder_hidden_states, added)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor by a flat name, in a fixed order."""
+        named = {
+            "sample": self.sample,
+            "timestep": self.timestep,
+            "encoder_hidden_states": self.encoder_hidden_states,
+        }
+        for name in ADDED_CONDITIONS:
+            if name in self.added:
+                named[name] = self.added[name]
+        return named
+
+    def key(self) -> Hashable:
+        """What a compiled graph specialises on: the device, shapes and dtypes of every input."""
+        return (str(self.sample.device),) + tuple(
+            (name, tuple(tensor.shape), tensor.dtype) for name, tensor in self.tensors().items()
+        )
+
+    def args(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        return self.sample, self.timestep, self.encoder_hidden_states, self.added
+
+
+def describe_key(key: Hashable) -> str:
+    """A short human-readable form of a shape key, for error messages."""
+    device, *named = key  # type: ignore[misc]
+    sample = dict((name, (shape, dtype)) for name, shape, dtype in named)["sample"]
+    shape, dtype = sample
+    return f"batch {shape[0]}, latents {shape[1]}x{shape[2]}x{shape[3]}, {str(dtype).replace('torch.', '')} on {device}"
+
+
+def not_warmed_error(key: Hashable, which: str, warmed: Iterable[Hashable]) -> ShapeNotWarmedError:
+    """The strict-serving error for a shape key that warm-up did not prepare."""
+    names = sorted({describe_key(k) for k in warmed}) or ["none"]
+    return ShapeNotWarmedError(
+        f"strict serving: no graph was warmed up for {describe_key(key)} ({which} U-Net); "
+        f"warmed shapes: {'; '.join(names)}. Call warmup() with this height, width and batch size "
+        "first, or accelerate with strict=False to compile new shapes on first use."
+    )
+
+
+class Runner:
+    """Executes a split: ``refresh`` (full, keeps features) or ``cached`` (shallow) per call.
+
+    Returned noise predictions belong to the caller. The kept features stay owned by the runner.
+    """
+
+    def __init__(self) -> None:
+        self.allow_new_shapes = True
+
+    @property
+    def compilations(self) -> int:
+        """Graphs compiled so far (one per function and shape key)."""
+        return 0
+
+    def is_prepared(self, key: Hashable, refresh: bool) -> bool:
+        """Whether running `key` now needs no compilation or capture."""
+        return True
+
+    def refresh(self, key: Hashable, inputs: StepInputs) -> Tensor:
+        raise NotImplementedError
+
+    def cached(self, key: Hashable, inputs: StepInputs) -> Tensor:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop kept features, graphs and buffers."""
+
+
+class EagerRunner(Runner):
+    """Runs the split eagerly: the exact reference for every other runner."""
+
+    def __init__(self, split: UNetSplit) -> None:
+        super().__init__()
+        self.split = split
+        self._kept: Tensor | None = None
+
+    def refresh(self, key: Hashable, inputs: StepInputs) -> Tensor:
+        noise, self._kept = self.split.full(*inputs.args())
+        return noise
+
+    def cached(self, key: Hashable, inputs: StepInputs) -> Tensor:
+        assert self._kept is not None, "the dispatcher refreshes before any cached step"
+        return self.split.shallow(*inputs.args(), self._kept)
+
+    def release(self) -> None:
+        self._kept = None
+
+
+class CompiledFunctions:
+    """``torch.compile`` of a split's two functions, with per-shape-key bookkeeping.
+
+    `call` compiles a new key on first use (raising ShapeNotWarmedError instead when new shapes
+    are not allowed), and runs known keys with dynamo told to fail rather than recompile in strict
+    mode. Dynamo's recompile limit is raised to RECOMPILE_LIMIT for these calls and hitting it
+    raises: a U-Net never drops to eager silently.
+    """
+
+    def __init__(self, split: UNetSplit, backend: str, strict: bool) -> None:
+        options = dict(fullgraph=True, dynamic=False, backend=backend)
+        self.functions: dict[str, Callable[..., Any]] = {
+            "full": torch.compile(split.full, **options),
+            "shallow": torch.compile(split.shallow, **options),
+        }
+        self.strict = strict
+        self.compiled: dict[str, set[Hashable]] = {"full": set(), "shallow": set()}
+
+    @property
+    def count(self) -> int:
+        return sum(len(keys) for keys in self.compiled.values())
+
+    def is_compiled(self, which: str, key: Hashable) -> bool:
+        return key in self.compiled[which]
+
+    def call(self, which: str, key: Hashable, allow_new: bool, *args: Any) -> Any:
+        known = key in self.compiled[which]
+        if not known and not allow_new:
+            raise not_warmed_error(key, which, self.compiled["full"])
+        with self._dynamo_policy(known):
+            result = self.functions[which](*args)
+        if not known:
+            self.compiled[which].add(key)
+        return result
+
+    @contextlib.contextmanager
+    def _dynamo_policy(self, known: bool) -> Iterator[None]:
+        import torch._dynamo
+
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            if known and self.strict:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    yield
+            else:
+                yield
+
+
+class CompiledRunner(Runner):
+    """The split's functions under torch.compile, no CUDA Graphs (CPU, or cuda_graphs=False)."""
+
+    def __init__(self, compiled: CompiledFunctions) -> None:
+        super().__init__()
+        self.compiled = compiled
+        self.allow_new_shapes = not compiled.strict
+        self._kept: Tensor | None = None
+
+    def is_prepared(self, key: Hashable, refresh: bool) -> bool:
+        return self.compiled.is_compiled("full" if refresh else "shallow", key)
+
+    @property
+    def compilations(self) -> int:
+        return self.compiled.count
+
+    def _call(self, which: str, key: Hashable, *args: Any) -> Any:
+        return self.compiled.call(which, key, self.allow_new_shapes, *args)
+
+    def refresh(self, key: Hashable, inputs: StepInputs) -> Tensor:
+        noise, self._kept = self._call("full", key, *inputs.args())
+        return noise
+
+    def cached(self, key: Hashable, inputs: StepInputs) -> Tensor:
+        assert self._kept is not None, "the dispatcher refreshes before any cached step"
+        return self._call("shallow", key, *inputs.args(), self._kept)
+
+    def release(self) -> None:
+        self._kept = None

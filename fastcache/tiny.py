@@ -1,0 +1,160 @@
+"""Tiny Stable Diffusion pipelines built offline from configs (random weights).
+
+They are the embedded default of ``python -m fastcache demo`` and the models of the test suite: the
+same diffusers classes and data flow as SD 1.x and SDXL (4 and 3 U-Net levels, cross-attention,
+``text_time`` conditions, an 8x VAE), small enough to run, and compile, on two CPU cores. The
+tokenizer is a character-level CLIP BPE written from a small vocabulary, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import torch
+
+_CHARACTERS = string.ascii_lowercase + string.digits + ".,!?'-"
+
+
+def tiny_tokenizer(model_max_length: int = 77) -> Any:
+    """A CLIP tokenizer over single characters (no merges): every word is spelled out."""
+    from transformers import CLIPTokenizer
+
+    special = ["<|startoftext|>", "<|endoftext|>"]
+    tokens = special + list(_CHARACTERS) + [c + "</w>" for c in _CHARACTERS]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def _text_config(vocab_size: int, hidden_size: int = 32, projection_dim: int = 32) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-5,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        hidden_act="gelu",
+    )
+
+
+def _tiny_vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=128,
+    )
+
+
+def tiny_sd_unet(sample_size: int = 16) -> Any:
+    """An SD 1.x-shaped U-Net: 3 cross-attention down blocks, a plain deepest block, 12 branches."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def tiny_sdxl_unet(sample_size: int = 16) -> Any:
+    """An SDXL-shaped U-Net: a plain first block, ``text_time`` conditions, 9 branches."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+
+
+def _finish(pipe: Any, device: str | torch.device, dtype: torch.dtype) -> Any:
+    pipe = pipe.to(device)
+    if dtype != torch.float32:  # .to(dtype) warns even when there is nothing to keep in fp32
+        pipe = pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd_pipeline(
+    seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
+    """A StableDiffusionPipeline with tiny random weights (default image 128x128, latents 16x16)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    pipe = StableDiffusionPipeline(
+        unet=tiny_sd_unet(),
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            set_alpha_to_one=False, steps_offset=1,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _finish(pipe, device, dtype)
+
+
+def tiny_sdxl_pipeline(
+    seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
+    """A StableDiffusionXLPipeline with tiny random weights and both text encoders."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        unet=tiny_sdxl_unet(),
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_tokenizer(),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        force_zeros_for_empty_prompt=True,
+    )
+    return _finish(pipe, device, dtype)

@@ -1,0 +1,285 @@
+"""How a diffusers ``UNet2DConditionModel`` splits into a full and a shallow function.
+
+This is the one place that knows U-Net structure. DeepCache numbers the skip branches of a U-Net
+with ``layers_per_block`` layers per level as ``id = block * (layers_per_block + 1) + layer``:
+``block`` is the level counted from the shallow end and ``layer`` the position inside it (slot
+``layers_per_block`` being the level's downsampler). For branch (block, layer):
+
+* the *full* function is the whole U-Net; it also returns ``kept``, the features entering the up
+  layer that mirrors (block, layer), before they are concatenated with their skip connection;
+* the *shallow* function runs conv_in, the down layers before (block, layer), then the up path from
+  (block, layer) onwards with ``kept`` in place of everything deeper, and conv_out. The deep path
+  does not run at all: exactly the layers DeepCache's helper recomputes on a cached step.
+
+Both call the U-Net's own sub-modules in diffusers' order, so ``full`` equals ``unet.forward``
+bit for bit when run eagerly. Neither knows about compilation, graphs or scheduling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import InvalidConfigError, UnsupportedPipelineError
+
+# Conditioning tensors a split understands besides sample, timestep and text embeddings: SDXL's
+# added conditions (``added_cond_kwargs``) and LCM's ``timestep_cond``.
+ADDED_CONDITIONS = ("text_embeds", "time_ids", "timestep_cond")
+
+
+@dataclass(frozen=True)
+class BranchPoint:
+    """One DeepCache skip branch: a U-Net level and a layer inside it."""
+
+    branch_id: int
+    block: int
+    layer: int
+
+
+@dataclass(frozen=True)
+class UNetLayout:
+    """The facts about a U-Net that branch numbering depends on."""
+
+    num_levels: int
+    layers_per_block: int
+
+    @property
+    def num_branches(self) -> int:
+        return self.num_levels * (self.layers_per_block + 1)
+
+    def branch(self, branch_id: int) -> BranchPoint:
+        if isinstance(branch_id, bool) or not isinstance(branch_id, int):
+            raise InvalidConfigError(f"cache_branch_id must be an int, got {branch_id!r}")
+        if not 0 <= branch_id < self.num_branches:
+            raise InvalidConfigError(
+                f"cache_branch_id={branch_id} is out of range for this U-Net: valid ids are "
+                f"0..{self.num_branches - 1} ({self.num_levels} levels x {self.layers_per_block + 1} "
+                "layers; 0 is the shallowest and fastest)"
+            )
+        per_level = self.layers_per_block + 1
+        return BranchPoint(branch_id, branch_id // per_level, branch_id % per_level)
+
+
+def _diffusers_blocks() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    from diffusers.models.unets.unet_2d_blocks import (
+        CrossAttnDownBlock2D,
+        CrossAttnUpBlock2D,
+        DownBlock2D,
+        UNetMidBlock2D,
+        UNetMidBlock2DCrossAttn,
+        UpBlock2D,
+    )
+
+    return (
+        (CrossAttnDownBlock2D, DownBlock2D),
+        (UNetMidBlock2DCrossAttn, UNetMidBlock2D),
+        (CrossAttnUpBlock2D, UpBlock2D),
+    )
+
+
+def unet_layout(unet: Any) -> UNetLayout:
+    """Check that `unet` is a U-Net this module can split, and describe it.
+
+    Raises UnsupportedPipelineError naming the first thing that is not supported.
+    """
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(unet, UNet2DConditionModel):
+        raise UnsupportedPipelineError(
+            f"fastcache splits diffusers' UNet2DConditionModel; this pipeline's unet is "
+            f"{type(unet).__name__}"
+        )
+    down_types, mid_types, up_types = _diffusers_blocks()
+    problems = []
+    for kind, blocks, allowed in (("down", unet.down_blocks, down_types), ("up", unet.up_blocks, up_types)):
+        for index, block in enumerate(blocks):
+            if type(block) not in allowed:
+                names = ", ".join(t.__name__ for t in allowed)
+                problems.append(f"{kind} block {index} is {type(block).__name__} (supported: {names})")
+    if unet.mid_block is not None and type(unet.mid_block) not in mid_types:
+        problems.append(f"mid block is {type(unet.mid_block).__name__}")
+    config = unet.config
+    if unet.class_embedding is not None:
+        problems.append(f"class embeddings (class_embed_type={config.class_embed_type!r})")
+    if config.addition_embed_type not in (None, "text_time"):
+        problems.append(f"addition_embed_type={config.addition_embed_type!r} (supported: None, 'text_time')")
+    if unet.encoder_hid_proj is not None:
+        problems.append(f"encoder_hid_proj (encoder_hid_dim_type={config.encoder_hid_dim_type!r}, e.g. IP-Adapter)")
+    if problems:
+        raise UnsupportedPipelineError("this U-Net cannot be split by fastcache: " + "; ".join(problems))
+
+    per_level = {len(block.resnets) for block in unet.down_blocks}
+    per_up_level = {len(block.resnets) for block in unet.up_blocks}
+    has_downsampler = [block.downsamplers is not None for block in unet.down_blocks]
+    if (
+        len(per_level) != 1
+        or per_up_level != {next(iter(per_level)) + 1}
+        or len(unet.down_blocks) != len(unet.up_blocks)
+        or has_downsampler != [True] * (len(unet.down_blocks) - 1) + [False]
+    ):
+        raise UnsupportedPipelineError(
+            "fastcache needs a symmetric U-Net: the same layers_per_block in every down block, one "
+            "more in every up block, and a downsampler after every level but the deepest "
+            f"(down resnets {sorted(per_level)}, up resnets {sorted(per_up_level)}, "
+            f"downsamplers {has_downsampler})"
+        )
+    return UNetLayout(num_levels=len(unet.down_blocks), layers_per_block=next(iter(per_level)))
+
+
+class UNetSplit:
+    """A U-Net divided at one skip branch into `full` and `shallow` (see the module docstring).
+
+    Both functions read the U-Net's weights live (nothing is copied), take the timestep as a
+    ``(batch,)`` tensor, and take the added conditions as a mapping with keys from
+    ``ADDED_CONDITIONS`` (empty for SD 1.x/2.x).
+    """
+
+    def __init__(self, unet: Any, branch_id: int) -> None:
+        self.layout = unet_layout(unet)
+        self.point = self.layout.branch(branch_id)
+        self.unet = unet
+
+    # -- the two functions ------------------------------------------------------------------------
+    def full(
+        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """The whole U-Net; returns (noise prediction, kept features for `shallow`)."""
+        emb, context, hidden = self._embed(sample, timestep, encoder_hidden_states, added)
+        skips = [hidden]
+        hidden = self._down(hidden, emb, context, skips, stop=None)
+        hidden = self._mid(hidden, emb, context)
+        hidden, kept = self._up(hidden, emb, context, skips, sample.shape, start=None)
+        return self._out(hidden), kept
+
+    def shallow(
+        self,
+        sample: Tensor,
+        timestep: Tensor,
+        encoder_hidden_states: Tensor,
+        added: Mapping[str, Tensor],
+        kept: Tensor,
+    ) -> Tensor:
+        """Only the shallow branch, with `kept` (from `full` at an earlier step) for the deep path."""
+        emb, context, hidden = self._embed(sample, timestep, encoder_hidden_states, added)
+        skips = [hidden]
+        self._down(hidden, emb, context, skips, stop=self.point)
+        hidden, _ = self._up(kept, emb, context, skips, sample.shape, start=self.point)
+        return self._out(hidden)
+
+    # -- pieces, in UNet2DConditionModel.forward's order ------------------------------------------
+    def _embed(
+        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        unet = self.unet
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), added.get("timestep_cond"))
+        aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+        if aug_emb is not None:
+            emb = emb + aug_emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        context = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+        return emb, context, unet.conv_in(sample)
+
+    @staticmethod
+    def _attend(attention: Any, hidden: Tensor, context: Tensor) -> Tensor:
+        return attention(
+            hidden,
+            encoder_hidden_states=context,
+            cross_attention_kwargs=None,
+            attention_mask=None,
+            encoder_attention_mask=None,
+            return_dict=False,
+        )[0]
+
+    def _down(
+        self, hidden: Tensor, emb: Tensor, context: Tensor, skips: list[Tensor], stop: BranchPoint | None
+    ) -> Tensor:
+        """Down path; appends every skip tensor. With `stop`, ends just before layer (block, layer)."""
+        for level, block in enumerate(self.unet.down_blocks):
+            attentions = getattr(block, "attentions", None)
+            for layer, resnet in enumerate(block.resnets):
+                if stop is not None and (level, layer) == (stop.block, stop.layer):
+                    return hidden
+                hidden = resnet(hidden, emb)
+                if attentions is not None:
+                    hidden = self._attend(attentions[layer], hidden, context)
+                skips.append(hidden)
+            if stop is not None and level == stop.block:  # stop.layer is the downsampler's slot
+                return hidden
+            if block.downsamplers is not None:
+                for downsampler in block.downsamplers:
+                    hidden = downsampler(hidden)
+                skips.append(hidden)
+        return hidden
+
+    def _mid(self, hidden: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+        mid = self.unet.mid_block
+        if mid is None:
+            return hidden
+        if getattr(mid, "has_cross_attention", False):
+            return mid(
+                hidden, emb, encoder_hidden_states=context, attention_mask=None,
+                cross_attention_kwargs=None, encoder_attention_mask=None,
+            )
+        return mid(hidden, emb)
+
+    def _up(
+        self,
+        hidden: Tensor,
+        emb: Tensor,
+        context: Tensor,
+        skips: list[Tensor],
+        sample_shape: torch.Size,
+        start: BranchPoint | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Up path, consuming `skips` from the end.
+
+        Without `start` it runs everything and also returns the features entering up layer
+        (block, layer) of this split's branch; with `start` it begins at that layer, `hidden`
+        being those features.
+        """
+        from diffusers.utils.torch_utils import apply_freeu
+
+        unet = self.unet
+        point = self.point
+        factor = 2**unet.num_upsamplers
+        forward_upsample_size = any(size % factor != 0 for size in sample_shape[-2:])
+        num_levels = len(unet.up_blocks)
+        kept = None
+        for index, block in enumerate(unet.up_blocks):
+            level = num_levels - 1 - index
+            if start is not None and level > start.block:
+                continue
+            attentions = getattr(block, "attentions", None)
+            freeu = all(getattr(block, name, None) for name in ("s1", "s2", "b1", "b2"))
+            num_layers = len(block.resnets)
+            for position, resnet in enumerate(block.resnets):
+                layer = num_layers - 1 - position
+                if start is not None and level == start.block and layer > start.layer:
+                    continue
+                if start is None and (level, layer) == (point.block, point.layer):
+                    kept = hidden
+                skip = skips.pop()
+                if freeu:
+                    hidden, skip = apply_freeu(
+                        block.resolution_idx, hidden, skip, s1=block.s1, s2=block.s2, b1=block.b1, b2=block.b2
+                    )
+                hidden = resnet(torch.cat([hidden, skip], dim=1), emb)
+                if attentions is not None:
+                    hidden = self._attend(attentions[position], hidden, context)
+            if block.upsamplers is not None:
+                upsample_size = skips[-1].shape[2:] if (index < num_levels - 1 and forward_upsample_size) else None
+                for upsampler in block.upsamplers:
+                    hidden = upsampler(hidden, upsample_size)
+        return hidden, kept
+
+    def _out(self, hidden: Tensor) -> Tensor:
+        unet = self.unet
+        if unet.conv_norm_out is not None:
+            hidden = unet.conv_act(unet.conv_norm_out(hidden))
+        return unet.conv_out(hidden)
