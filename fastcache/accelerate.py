@@ -83,7 +83,11 @@ def _accelerated_class(base: type, handle: "FastCache") -> type:
     @functools.wraps(base_call)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         handle._begin_pipeline_call()
-        return base_call(self, *args, **kwargs)
+        handle._in_pipeline_call = True
+        try:
+            return base_call(self, *args, **kwargs)
+        finally:
+            handle._in_pipeline_call = False
 
     namespace = {
         "__call__": __call__,
@@ -139,6 +143,8 @@ class FastCache:
         self._original_class = type(pipe)
         self._previous_forward = previous_forward  # an instance attribute left by another tool, or None
         self._seen_keys: set[Hashable] = set()
+        self._in_pipeline_call = False
+        self._warned_outside_call = False
         self.enabled = False
         try:
             unet.forward = self._unet_forward
@@ -277,6 +283,13 @@ class FastCache:
             raise UnsupportedInputError(
                 f"the U-Net was accelerated on {self._device} but now runs on {sample.device}; "
                 "call disable() and accelerate again after moving the pipeline"
+            )
+        if not self._in_pipeline_call and not self._warned_outside_call:
+            self._warned_outside_call = True
+            logger.warning(
+                "pipe.unet was called outside the accelerated pipeline's __call__ (a custom loop, or "
+                "another pipeline sharing this U-Net): fastcache re-arms only at the start of its "
+                "pipeline's calls, so call reset() on the handle before each denoising loop"
             )
         inputs = StepInputs.from_unet_call(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond)
         key = inputs.key()

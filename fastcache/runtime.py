@@ -187,7 +187,8 @@ class CompiledFunctions:
     def _dynamo_policy(self, known: bool) -> Iterator[None]:
         import torch._dynamo
 
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        limits = dict(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
+        with torch._dynamo.config.patch(**limits):
             if known and self.strict:
                 with torch.compiler.set_stance("fail_on_recompile"):
                     yield

@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side speed and quality of eager diffusers, DeepCache, torch.compile and fastcache."""

@@ -1,0 +1,149 @@
+"""``python -m fastcache demo``: plain vs fastcache (and DeepCache, if installed) on a tiny pipeline.
+
+Builds a Stable Diffusion pipeline with tiny random weights offline, so it runs on any machine,
+GPU or not. Reports seconds per image (median of repeated runs, warm-up excluded and shown apart),
+how far each image is from the plain pipeline's, and writes the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import fastcache
+from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+
+@dataclass
+class DemoResult:
+    method: str
+    seconds: float
+    image: np.ndarray  # (H, W, 3) floats in [0, 1]
+    setup_seconds: float = 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(function: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        result = function()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def run_demo(args: argparse.Namespace) -> list[DemoResult]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    build = tiny_sdxl_pipeline if args.pipeline == "sdxl" else tiny_sd_pipeline
+    pipe = build(device=device, dtype=dtype)
+
+    def generate() -> np.ndarray:
+        generator = torch.Generator("cpu").manual_seed(args.seed)
+        return pipe(args.prompt, num_inference_steps=args.steps, generator=generator, output_type="np").images[0]
+
+    results = []
+    setup = time.perf_counter()
+    generate()  # first call: lazy initialisation, not timed
+    seconds, image = _median_seconds(generate, device, args.repeats)
+    results.append(DemoResult("plain diffusers", seconds, image, time.perf_counter() - setup - seconds * args.repeats))
+
+    try:
+        from DeepCache import DeepCacheSDHelper
+    except ImportError:
+        DeepCacheSDHelper = None
+    if DeepCacheSDHelper is not None:
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=args.interval, cache_branch_id=args.branch)
+        helper.enable()
+        try:
+            seconds, image = _median_seconds(generate, device, args.repeats)
+        finally:
+            helper.disable()
+        results.append(DemoResult("DeepCache 0.1.1", seconds, image))
+
+    setup = time.perf_counter()
+    handle = fastcache.accelerate(pipe, cache_interval=args.interval, cache_branch_id=args.branch, compile=args.compile)
+    try:
+        handle.warmup(height=None, width=None, batch_size=1)
+        setup_seconds = time.perf_counter() - setup
+        seconds, image = _median_seconds(generate, device, args.repeats)
+    finally:
+        handle.disable()
+    results.append(DemoResult("fastcache", seconds, image, setup_seconds))
+    return results
+
+
+def report(results: list[DemoResult], args: argparse.Namespace) -> str:
+    plain = results[0]
+    lines = [
+        f"tiny {args.pipeline} pipeline, {args.steps} steps, cache_interval={args.interval}, "
+        f"cache_branch_id={args.branch}, compile={args.compile}, median of {args.repeats} runs",
+        f"{'method':<18}{'s/image':>10}{'speed-up':>10}{'max |diff| vs plain':>22}{'PSNR vs plain':>15}{'setup s':>10}",
+    ]
+    for result in results:
+        diff = float(np.abs(result.image - plain.image).max())
+        lines.append(
+            f"{result.method:<18}{result.seconds:>10.4f}{plain.seconds / result.seconds:>9.2f}x"
+            f"{diff:>22.3g}{psnr(result.image, plain.image):>15.1f}{result.setup_seconds:>10.1f}"
+        )
+    by_name = {r.method: r for r in results}
+    if "DeepCache 0.1.1" in by_name:
+        deep, fast = by_name["DeepCache 0.1.1"], by_name["fastcache"]
+        lines.append(
+            f"fastcache vs DeepCache: max |diff| {float(np.abs(fast.image - deep.image).max()):.3g} "
+            f"(images in [0, 1]), {deep.seconds / fast.seconds:.2f}x faster"
+        )
+    return "\n".join(lines)
+
+
+def save_images(results: list[DemoResult], out: str) -> list[str]:
+    from PIL import Image
+
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for result in results:
+        name = result.method.split()[0].lower() + ".png"
+        path = os.path.join(out, name)
+        Image.fromarray((np.clip(result.image, 0, 1) * 255).round().astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", choices=("sd", "sdxl"), default="sd", help="tiny SD 1.x or SDXL pipeline")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--interval", type=int, default=3, help="cache_interval")
+    parser.add_argument("--branch", type=int, default=0, help="cache_branch_id")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", default="a photo of an astronaut riding a horse on the moon")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="run the split eagerly")
+    parser.add_argument("--out", default="fastcache-demo", help="folder for the images")
+
+
+def main(args: argparse.Namespace) -> int:
+    results = run_demo(args)
+    print(report(results, args))
+    for path in save_images(results, args.out):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny pipelines built once per session, and the DeepCache reference."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+# Two cores in CI: keep torch from oversubscribing them.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+
+from .helpers import assert_untouched  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sd_pipe():
+    return tiny_sd_pipeline()
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe():
+    return tiny_sdxl_pipeline()
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def any_pipe(request, sd_pipe, sdxl_pipe):
+    """Each test using it runs on the tiny SD and the tiny SDXL pipeline."""
+    return sd_pipe if request.param == "sd" else sdxl_pipe
+
+
+@pytest.fixture(autouse=True)
+def _pipelines_left_clean(request):
+    """Every test must leave the shared pipelines exactly as built (a leak would taint the rest)."""
+    yield
+    for name in ("sd_pipe", "sdxl_pipe"):
+        if name in request.fixturenames:
+            assert_untouched(request.getfixturevalue(name))

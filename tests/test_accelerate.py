@@ -1,0 +1,192 @@
+"""accelerate()'s contract: errors leave the pipeline untouched, state never goes stale."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline
+
+import fastcache
+from fastcache.errors import (
+    AlreadyAcceleratedError,
+    CompileError,
+    InvalidConfigError,
+    UnsupportedInputError,
+    UnsupportedPipelineError,
+)
+
+from .helpers import accelerated, assert_untouched, latents, max_diff
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(cache_branch_id=12), InvalidConfigError, r"valid ids are 0\.\.11"),
+        (dict(cache_branch_id=-1), InvalidConfigError, r"valid ids are 0\.\.11"),
+        (dict(cache_interval=0), InvalidConfigError, r"cache_interval must be an int >= 1"),
+        (dict(schedule="linear"), InvalidConfigError, r"unknown schedule 'linear'"),
+        (dict(compile="yes"), InvalidConfigError, r"compile must be True or False"),
+        (dict(cuda_graphs=True), InvalidConfigError, r"cuda_graphs=True needs the U-Net on a CUDA device"),
+    ],
+)
+def test_bad_arguments_raise_and_leave_the_pipeline_untouched(sd_pipe, options, error, message):
+    before = latents(sd_pipe, steps=3)
+    with pytest.raises(error, match=message):
+        fastcache.accelerate(sd_pipe, **options)
+    assert_untouched(sd_pipe)
+    assert torch.equal(latents(sd_pipe, steps=3), before)
+
+
+def test_sdxl_branch_range_is_its_own(sdxl_pipe):
+    with pytest.raises(InvalidConfigError, match=r"valid ids are 0\.\.8 \(3 levels x 3 layers"):
+        fastcache.accelerate(sdxl_pipe, cache_branch_id=9)
+    assert_untouched(sdxl_pipe)
+
+
+class _FakePipeline:
+    """Callable, with a scheduler and whatever components a test gives it."""
+
+    def __init__(self, **components):
+        self.scheduler = None
+        self.__dict__.update(components)
+
+    def __call__(self):
+        return None
+
+
+def test_unknown_pipelines_are_refused(sd_pipe):
+    with pytest.raises(UnsupportedPipelineError, match="needs a `unet`"):
+        fastcache.accelerate(SimpleNamespace(scheduler=None))
+    with pytest.raises(UnsupportedPipelineError, match="unet is Linear"):
+        fastcache.accelerate(_FakePipeline(unet=torch.nn.Linear(2, 2)))
+    with pytest.raises(UnsupportedPipelineError, match="ControlNet pipelines are not supported yet"):
+        fastcache.accelerate(_FakePipeline(unet=sd_pipe.unet, controlnet=torch.nn.Identity()))
+    assert_untouched(sd_pipe)
+
+
+def test_enabling_twice_is_refused(sd_pipe):
+    with accelerated(sd_pipe, compile=False):
+        with pytest.raises(AlreadyAcceleratedError, match="already accelerated"):
+            fastcache.accelerate(sd_pipe, compile=False)
+        assert type(sd_pipe)._fastcache_handle is not None
+
+
+def test_deepcache_helper_enabled_is_detected(sd_pipe):
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=sd_pipe)
+    helper.set_params(cache_interval=3)
+    helper.enable()
+    try:
+        with pytest.raises(AlreadyAcceleratedError, match="DeepCache"):
+            fastcache.accelerate(sd_pipe, compile=False)
+    finally:
+        helper.disable()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (dict(cross_attention_kwargs={"scale": 0.5}), "cross_attention_kwargs"),
+        (dict(added_cond_kwargs={"image_embeds": torch.zeros(1)}), "image_embeds"),
+        (dict(down_block_additional_residuals=(torch.zeros(1),), mid_block_additional_residual=torch.zeros(1)),
+         "ControlNet residuals"),
+        (dict(class_labels=torch.zeros(1)), "class_labels"),
+    ],
+)
+def test_unsupported_unet_inputs_raise_clearly(sd_pipe, call, message):
+    with accelerated(sd_pipe, compile=False) as handle:
+        sample = torch.zeros(2, 4, 16, 16)
+        with pytest.raises(UnsupportedInputError, match=message):
+            sd_pipe.unet(sample, 10, torch.zeros(2, 77, 32), **call)
+        assert handle.enabled
+
+
+def test_unsupported_input_through_the_pipeline(sd_pipe):
+    with accelerated(sd_pipe, compile=False):
+        with pytest.raises(UnsupportedInputError, match="cross_attention_kwargs"):
+            latents(sd_pipe, steps=2, cross_attention_kwargs={"gligen": None})
+
+
+def test_compile_failure_restores_the_pipeline(sd_pipe):
+    from torch._dynamo import register_backend
+
+    @register_backend(name="fastcache_test_failing_backend")
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("simulated compiler crash")
+
+    before = latents(sd_pipe, steps=3)
+    handle = fastcache.accelerate(sd_pipe, compile_backend="fastcache_test_failing_backend")
+    with pytest.raises(CompileError, match="simulated compiler crash(.|\n)*restored to its original state"):
+        latents(sd_pipe, steps=3)
+    assert not handle.enabled
+    assert_untouched(sd_pipe)
+    assert torch.equal(latents(sd_pipe, steps=3), before)
+
+
+def test_capture_failure_restores_the_pipeline(sd_pipe, monkeypatch):
+    from fastcache import graphs
+
+    def broken_capture(self, function, pool, emulate):
+        raise RuntimeError("simulated capture failure")
+
+    monkeypatch.setattr(graphs.CapturedFunction, "__init__", broken_capture)
+    handle = fastcache.accelerate(sd_pipe, compile=False, emulate_graphs=True)
+    with pytest.raises(CompileError, match="simulated capture failure"):
+        latents(sd_pipe, steps=3)
+    assert not handle.enabled
+    assert_untouched(sd_pipe)
+
+
+def _back_to_back_calls():
+    return [
+        dict(),
+        dict(height=64, width=96),
+        dict(num_images_per_prompt=2),
+        dict(guidance_scale=1.0),  # no classifier-free guidance: the U-Net batch halves
+        dict(),
+    ]
+
+
+@pytest.mark.parametrize("options", [dict(compile=False), dict(compile=False, emulate_graphs=True)],
+                         ids=["eager", "emulated-graphs"])
+def test_back_to_back_calls_equal_fresh_accelerations(sd_pipe, options):
+    fresh = []
+    for call in _back_to_back_calls():
+        with accelerated(sd_pipe, cache_interval=3, cache_branch_id=2, **options):
+            fresh.append(latents(sd_pipe, seed=1, **call))
+    with accelerated(sd_pipe, cache_interval=3, cache_branch_id=2, **options) as handle:
+        for call, expected in zip(_back_to_back_calls(), fresh):
+            actual = latents(sd_pipe, seed=1, **call)
+            assert max_diff(actual, expected) <= 1e-6, call
+            assert handle.stats.last_call[0] is True
+    assert handle.stats.pipeline_calls == len(fresh)
+
+
+def test_img2img_strength_changes_equal_fresh_accelerations(sd_pipe):
+    img2img = StableDiffusionImg2ImgPipeline(**sd_pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    strengths = [0.5, 0.8, 0.3, 0.8]
+    fresh = []
+    for strength in strengths:
+        with accelerated(img2img, cache_interval=2, compile=False, emulate_graphs=True):
+            fresh.append(latents(img2img, seed=2, image=image, strength=strength))
+    with accelerated(img2img, cache_interval=2, compile=False, emulate_graphs=True) as handle:
+        for strength, expected in zip(strengths, fresh):
+            assert max_diff(latents(img2img, seed=2, image=image, strength=strength), expected) <= 1e-6
+            assert handle.stats.last_call[0] is True
+            assert len(handle.stats.last_call) == int(10 * strength)
+    assert_untouched(img2img)
+
+
+def test_calls_outside_the_pipeline_warn_once(sd_pipe, caplog):
+    with accelerated(sd_pipe, compile=False) as handle:
+        with caplog.at_level(logging.WARNING, logger="fastcache"):
+            for _ in range(3):
+                sd_pipe.unet(torch.zeros(2, 4, 16, 16), 10, torch.zeros(2, 77, 32))
+        handle.reset()
+        assert caplog.text.count("outside the accelerated pipeline") == 1

@@ -1,0 +1,109 @@
+"""Graph replay: static buffers, the shared kept buffer, caller-owned outputs.
+
+On CPU the GraphRunner runs with ``emulate_graphs=True`` (re-running the function into the captured
+outputs instead of replaying a CUDA Graph), which exercises everything but torch.cuda.CUDAGraph
+itself. The CUDA tests at the bottom need a GPU and are skipped without one, saying so.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastcache
+from fastcache.tiny import tiny_sd_pipeline
+
+from .helpers import accelerated, assert_close_relative, deepcache_latents, latents, max_diff
+
+
+def test_emulated_graphs_equal_the_eager_split(any_pipe):
+    for branch in (0, 4):
+        with accelerated(any_pipe, cache_interval=3, cache_branch_id=branch, compile=False) as handle:
+            expected = latents(any_pipe)
+        with accelerated(any_pipe, cache_interval=3, cache_branch_id=branch, compile=False, emulate_graphs=True) as handle:
+            actual = latents(any_pipe)
+            assert handle._runner.captures == 2
+        assert max_diff(actual, expected) == 0, f"branch {branch}"
+
+
+def test_kept_buffer_is_written_in_place_and_read_by_the_shallow_graph(sd_pipe):
+    with accelerated(sd_pipe, cache_interval=2, compile=False, emulate_graphs=True) as handle:
+        latents(sd_pipe, steps=4)
+        (graphs,) = handle._runner._shapes.values()
+        kept, pointer = graphs.kept, graphs.kept.data_ptr()
+        snapshot = kept.clone()
+        latents(sd_pipe, steps=4, seed=9)
+        assert graphs.kept is kept and kept.data_ptr() == pointer
+        assert not torch.equal(kept, snapshot), "a refresh must rewrite the kept buffer"
+        assert handle._runner.captures == 2
+
+
+def test_outputs_belong_to_the_caller(sd_pipe):
+    with accelerated(sd_pipe, cache_interval=2, compile=False, emulate_graphs=True):
+        sample = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+        sd_pipe._fastcache_handle.reset()
+        first = sd_pipe.unet(sample, 900, context).sample
+        kept_copy = first.clone()
+        second = sd_pipe.unet(sample * 0.5, 800, context).sample
+        assert first.data_ptr() != second.data_ptr()
+        assert torch.equal(first, kept_copy), "a later replay overwrote an output the caller holds"
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "inductor"])
+def test_emulated_graphs_match_deepcache(sd_pipe, compile):
+    expected = deepcache_latents(sd_pipe, 3, 0)
+    with accelerated(sd_pipe, cache_interval=3, compile=compile, emulate_graphs=True):
+        actual = latents(sd_pipe)
+    assert_close_relative(actual, expected, 1e-5)
+
+
+# -- CUDA --------------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA Graph capture and replay)")
+
+
+@pytest.fixture(scope="module")
+def cuda_pipe():
+    return tiny_sd_pipeline(device="cuda", dtype=torch.float16)
+
+
+@cuda
+def test_cuda_graph_replay_equals_the_compiled_path(cuda_pipe):
+    with accelerated(cuda_pipe, cache_interval=3, cuda_graphs=False):
+        expected = latents(cuda_pipe)
+    with accelerated(cuda_pipe, cache_interval=3, cuda_graphs=True) as handle:
+        handle.warmup()
+        actual = latents(cuda_pipe)
+        assert handle._runner.captures == 2
+    assert_close_relative(actual.float(), expected.float(), 1e-3)
+
+
+@cuda
+def test_cuda_graph_matches_deepcache(cuda_pipe):
+    expected = deepcache_latents(cuda_pipe, 3, 0)
+    with accelerated(cuda_pipe, cache_interval=3) as handle:
+        actual = latents(cuda_pipe)
+        assert handle._runner.captures == 2
+    assert_close_relative(actual.float(), expected.float(), 2e-2)  # fp16 through 10 steps
+
+
+@cuda
+@torch.no_grad()
+def test_cuda_graph_replays_allocate_no_new_memory(cuda_pipe):
+    with accelerated(cuda_pipe, cache_interval=2) as handle:
+        handle.warmup()
+        sample = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16)
+        context = torch.randn(2, 77, 32, device="cuda", dtype=torch.float16)
+        timestep = torch.tensor(500, device="cuda")
+        handle.reset()
+        cuda_pipe.unet(sample, timestep, context)  # refresh
+        cuda_pipe.unet(sample, timestep, context)  # cached
+        torch.cuda.synchronize()
+        reserved, segments = torch.cuda.memory_reserved(), torch.cuda.memory_stats()["segment.all.allocated"]
+        allocated = torch.cuda.memory_allocated()
+        for _ in range(20):
+            cuda_pipe.unet(sample, timestep, context)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_reserved() == reserved
+        assert torch.cuda.memory_stats()["segment.all.allocated"] == segments
+        assert torch.cuda.memory_allocated() == allocated
