@@ -177,7 +177,6 @@ class FastCache:
         """
         self._require_enabled()
         kwargs: dict[str, Any] = dict(
-            prompt="",
             num_images_per_prompt=batch_size,
             num_inference_steps=num_inference_steps,
             output_type="latent",
@@ -188,7 +187,9 @@ class FastCache:
         if width is not None:
             kwargs["width"] = width
         kwargs.update(call_kwargs)
-        caching = not (isinstance(self._dispatcher.schedule, UniformSchedule) and self._dispatcher.schedule.interval == 1)
+        if "prompt_embeds" not in kwargs:
+            kwargs.setdefault("prompt", "")
+        caching = self._dispatcher.schedule.caches
         self._dispatcher.force(ExplicitSchedule(frozenset({0})) if caching else UniformSchedule(1))
         self._runner.allow_new_shapes = True
         before, known = self.compilations, set(self._seen_keys)

@@ -29,6 +29,11 @@ class RefreshSchedule:
     def is_refresh(self, step: int, num_steps: int | None) -> bool:
         raise NotImplementedError
 
+    @property
+    def caches(self) -> bool:
+        """Whether any step can be a cached one (False: the shallow graph is never needed)."""
+        return True
+
 
 @dataclass(frozen=True)
 class UniformSchedule(RefreshSchedule):
@@ -38,6 +43,10 @@ class UniformSchedule(RefreshSchedule):
 
     def is_refresh(self, step: int, num_steps: int | None) -> bool:
         return step % self.interval == 0
+
+    @property
+    def caches(self) -> bool:
+        return self.interval > 1
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,10 @@ class QuadraticSchedule(RefreshSchedule):
         if num_steps is None:
             return step % self.interval == 0
         return step in _quadratic_or_uniform(num_steps, self.interval, self.center, self.power)
+
+    @property
+    def caches(self) -> bool:
+        return self.interval > 1
 
 
 def deepcache_quadratic_steps(num_steps: int, num_refreshes: int, center: int, power: float) -> list[int]:

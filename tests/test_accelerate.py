@@ -190,3 +190,15 @@ def test_calls_outside_the_pipeline_warn_once(sd_pipe, caplog):
                 sd_pipe.unet(torch.zeros(2, 4, 16, 16), 10, torch.zeros(2, 77, 32))
         handle.reset()
         assert caplog.text.count("outside the accelerated pipeline") == 1
+
+
+def test_warmup_follows_the_serving_call_arguments(sd_pipe):
+    """Shapes come from the call: no CFG halves the U-Net batch; prompt embeddings replace the prompt."""
+    embeddings, _ = sd_pipe.encode_prompt("a cat", "cpu", 1, False)
+    with accelerated(sd_pipe, cache_interval=3, compile=False) as handle:
+        report = handle.warmup(batch_size=2, guidance_scale=1.0, prompt_embeds=embeddings.repeat(1, 1, 1))
+        assert report.new_shapes == ("batch 2, latents 4x16x16, float32 on cpu",)
+        assert handle.stats.last_call == [True, False, False]
+    with accelerated(sd_pipe, cache_interval=1, compile=False) as handle:
+        handle.warmup(height=64, width=64)
+        assert handle.stats.last_call == [True, True, True]

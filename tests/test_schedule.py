@@ -91,3 +91,9 @@ def test_bad_quadratic_parameters_are_refused():
         make_schedule("quadratic", 3, center=15, power=1.0)
     with pytest.raises(InvalidConfigError, match="center must be an int >= 0"):
         make_schedule("quadratic", 3, center=-1)
+
+
+def test_schedules_say_whether_they_ever_cache():
+    assert not UniformSchedule(1).caches and UniformSchedule(2).caches
+    assert not QuadraticSchedule(1).caches and QuadraticSchedule(3).caches
+    assert ExplicitSchedule(frozenset({0, 1})).caches

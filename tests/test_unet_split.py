@@ -132,3 +132,24 @@ def test_unsupported_unets_are_refused_with_the_reason():
         ))
     with pytest.raises(UnsupportedPipelineError, match="UNet2DConditionModel"):
         unet_layout(torch.nn.Linear(2, 2))
+
+
+@torch.no_grad()
+def test_lcm_timestep_cond_and_time_embedding_options_are_followed():
+    """``timestep_cond`` (LCM), a time-embedding activation and centred input reach the split like forward."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=2, norm_num_groups=4, cross_attention_dim=8,
+        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), time_cond_proj_dim=6,
+        time_embedding_act_fn="silu", center_input_sample=True,
+    ).eval()
+    sample = torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 5, 8)
+    condition = torch.randn(2, 6)
+    expected = unet(sample, 10, context, timestep_cond=condition).sample
+    for branch in range(unet_layout(unet).num_branches):
+        noise, _ = UNetSplit(unet, branch).full(sample, torch.full((2,), 10.0), context, {"timestep_cond": condition})
+        assert torch.equal(noise, expected), branch
