@@ -202,3 +202,24 @@ def test_warmup_follows_the_serving_call_arguments(sd_pipe):
     with accelerated(sd_pipe, cache_interval=1, compile=False) as handle:
         handle.warmup(height=64, width=64)
         assert handle.stats.last_call == [True, True, True]
+
+
+def test_changing_the_scheduler_between_calls_equals_fresh_accelerations(sd_pipe):
+    from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler
+
+    original = sd_pipe.scheduler
+    schedulers = [original, EulerDiscreteScheduler.from_config(original.config),
+                  HeunDiscreteScheduler.from_config(original.config), original]
+    try:
+        fresh = []
+        for scheduler in schedulers:
+            sd_pipe.scheduler = scheduler
+            with accelerated(sd_pipe, cache_interval=3, compile=False):
+                fresh.append(latents(sd_pipe, steps=6))
+        with accelerated(sd_pipe, cache_interval=3, compile=False) as handle:
+            for scheduler, expected in zip(schedulers, fresh):
+                sd_pipe.scheduler = scheduler
+                assert max_diff(latents(sd_pipe, steps=6), expected) <= 1e-6, type(scheduler).__name__
+                assert handle.stats.last_call[0] is True
+    finally:
+        sd_pipe.scheduler = original
