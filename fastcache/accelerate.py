@@ -68,11 +68,6 @@ def _pipeline_unet(pipe: Any) -> Any:
             f"{type(pipe).__name__} is not a pipeline fastcache can accelerate: it needs a `unet` "
             "(UNet2DConditionModel) and a `scheduler`, as StableDiffusion*/StableDiffusionXL* pipelines have"
         )
-    if getattr(pipe, "controlnet", None) is not None:
-        raise UnsupportedPipelineError(
-            f"{type(pipe).__name__}: ControlNet pipelines are not supported yet (their residuals must "
-            "be applied inside the shallow branch); run it without fastcache for now"
-        )
     return unet
 
 
@@ -261,8 +256,13 @@ class FastCache:
         unsupported = [
             name
             for name, value in (
-                ("ControlNet residuals", down_block_additional_residuals or mid_block_additional_residual),
                 ("T2I-Adapter residuals", down_intrablock_additional_residuals),
+                (
+                    "down-block residuals without a mid-block residual (diffusers' deprecated T2I-Adapter path)",
+                    down_block_additional_residuals if mid_block_additional_residual is None else None,
+                ),
+                ("a mid-block residual without down-block residuals", mid_block_additional_residual
+                 if down_block_additional_residuals is None else None),
                 ("class_labels", class_labels),
                 ("attention_mask", attention_mask),
                 ("encoder_attention_mask", encoder_attention_mask),
@@ -292,7 +292,10 @@ class FastCache:
                 "another pipeline sharing this U-Net): fastcache re-arms only at the start of its "
                 "pipeline's calls, so call reset() on the handle before each denoising loop"
             )
-        inputs = StepInputs.from_unet_call(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond)
+        inputs = StepInputs.from_unet_call(
+            sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
+            down_block_additional_residuals, mid_block_additional_residual,
+        )
         key = inputs.key()
         self._seen_keys.add(key)
         refresh = self._dispatcher.next_call(self.pipe.scheduler, key)

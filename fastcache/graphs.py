@@ -56,12 +56,7 @@ class ShapeGraphs:
     """Static inputs and the captured graphs of one shape key."""
 
     def __init__(self, inputs: StepInputs) -> None:
-        self.static = StepInputs(
-            inputs.sample.clone(),
-            inputs.timestep.clone(),
-            inputs.encoder_hidden_states.clone(),
-            {name: value.clone() for name, value in inputs.added.items()},
-        )
+        self.static = inputs.clone()
         self._static_tensors = self.static.tensors()
         self.full: CapturedFunction | None = None
         self.shallow: CapturedFunction | None = None

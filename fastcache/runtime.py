@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ class StepInputs:
     sample: Tensor
     timestep: Tensor
     encoder_hidden_states: Tensor
-    added: dict[str, Tensor] = field(default_factory=dict)
+    added: dict[str, Any] = field(default_factory=dict)  # keys from ADDED_CONDITIONS
 
     @classmethod
     def from_unet_call(
@@ -49,6 +49,8 @@ class StepInputs:
         encoder_hidden_states: Tensor,
         added_cond_kwargs: Mapping[str, Tensor] | None = None,
         timestep_cond: Tensor | None = None,
+        down_residuals: Sequence[Tensor] | None = None,
+        mid_residual: Tensor | None = None,
     ) -> "StepInputs":
         batch = sample.shape[0]
         if torch.is_tensor(timestep):
@@ -58,7 +60,22 @@ class StepInputs:
         added = {name: value for name, value in (added_cond_kwargs or {}).items() if value is not None}
         if timestep_cond is not None:
             added["timestep_cond"] = timestep_cond
+        if down_residuals is not None:
+            added["down_residuals"] = tuple(down_residuals)
+        if mid_residual is not None:
+            added["mid_residual"] = mid_residual
         return cls(sample, timestep, encoder_hidden_states, added)
+
+    def clone(self) -> "StepInputs":
+        """Fresh copies of every tensor (static buffers for graph capture)."""
+
+        def copy(value: Any) -> Any:
+            return tuple(t.clone() for t in value) if isinstance(value, tuple) else value.clone()
+
+        return StepInputs(
+            self.sample.clone(), self.timestep.clone(), self.encoder_hidden_states.clone(),
+            {name: copy(value) for name, value in self.added.items()},
+        )
 
     def tensors(self) -> dict[str, Tensor]:
         """Every tensor by a flat name, in a fixed order."""
@@ -68,8 +85,11 @@ class StepInputs:
             "encoder_hidden_states": self.encoder_hidden_states,
         }
         for name in ADDED_CONDITIONS:
-            if name in self.added:
-                named[name] = self.added[name]
+            value = self.added.get(name)
+            if isinstance(value, tuple):
+                named.update((f"{name}.{index}", tensor) for index, tensor in enumerate(value))
+            elif value is not None:
+                named[name] = value
         return named
 
     def key(self) -> Hashable:
@@ -78,7 +98,7 @@ class StepInputs:
             (name, tuple(tensor.shape), tensor.dtype) for name, tensor in self.tensors().items()
         )
 
-    def args(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    def args(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
         return self.sample, self.timestep, self.encoder_hidden_states, self.added
 
 

@@ -158,3 +158,20 @@ def tiny_sdxl_pipeline(
         force_zeros_for_empty_prompt=True,
     )
     return _finish(pipe, device, dtype)
+
+
+def tiny_controlnet(unet: Any, seed: int = 0) -> Any:
+    """A ControlNet copied from `unet` (diffusers' ``from_unet``), for 128x128 control images.
+
+    ControlNets start with zero-initialised output convolutions, which would make their residuals
+    zero and any test of them vacuous; here those are randomised so the residuals matter.
+    """
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    with torch.no_grad():
+        for conv in list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 0.05)
+            conv.bias.normal_(0.0, 0.05)
+    return controlnet.to(device=unet.device, dtype=unet.dtype)

@@ -25,9 +25,10 @@ from torch import Tensor
 
 from .errors import InvalidConfigError, UnsupportedPipelineError
 
-# Conditioning tensors a split understands besides sample, timestep and text embeddings: SDXL's
-# added conditions (``added_cond_kwargs``) and LCM's ``timestep_cond``.
-ADDED_CONDITIONS = ("text_embeds", "time_ids", "timestep_cond")
+# Inputs a split understands besides sample, timestep and text embeddings, passed in one mapping:
+# SDXL's added conditions (``added_cond_kwargs``), LCM's ``timestep_cond``, and ControlNet's
+# residuals (``down_residuals``: a tuple with one tensor per skip connection, ``mid_residual``).
+ADDED_CONDITIONS = ("text_embeds", "time_ids", "timestep_cond", "down_residuals", "mid_residual")
 
 
 @dataclass(frozen=True)
@@ -144,14 +145,18 @@ class UNetSplit:
 
     # -- the two functions ------------------------------------------------------------------------
     def full(
-        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added: Mapping[str, Tensor]
+        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added: Mapping[str, Any]
     ) -> tuple[Tensor, Tensor]:
         """The whole U-Net; returns (noise prediction, kept features for `shallow`)."""
         emb, context, hidden = self._embed(sample, timestep, encoder_hidden_states, added)
         skips = [hidden]
         hidden = self._down(hidden, emb, context, skips, stop=None)
-        hidden = self._mid(hidden, emb, context)
+        skips = self._add_residuals(skips, added)
+        mid = self._mid(hidden, emb, context)
+        hidden = mid + added["mid_residual"] if "mid_residual" in added else mid
         hidden, kept = self._up(hidden, emb, context, skips, sample.shape, start=None)
+        if self.keeps_mid_output:  # kept before the residual: a cached step adds its own (see below)
+            kept = mid
         return self._out(hidden), kept
 
     def shallow(
@@ -159,19 +164,32 @@ class UNetSplit:
         sample: Tensor,
         timestep: Tensor,
         encoder_hidden_states: Tensor,
-        added: Mapping[str, Tensor],
+        added: Mapping[str, Any],
         kept: Tensor,
     ) -> Tensor:
         """Only the shallow branch, with `kept` (from `full` at an earlier step) for the deep path."""
         emb, context, hidden = self._embed(sample, timestep, encoder_hidden_states, added)
         skips = [hidden]
         self._down(hidden, emb, context, skips, stop=self.point)
+        skips = self._add_residuals(skips, added)
+        if self.keeps_mid_output and "mid_residual" in added:
+            kept = kept + added["mid_residual"]
         hidden, _ = self._up(kept, emb, context, skips, sample.shape, start=self.point)
         return self._out(hidden)
 
+    @property
+    def keeps_mid_output(self) -> bool:
+        """The deepest branch keeps the mid block's output.
+
+        There, a ControlNet's mid residual is added after the cache: DeepCache caches the mid block's
+        output and the U-Net adds the current step's residual to it, so a cached step sees a fresh
+        mid residual. For every other branch the residual sits inside the cached features.
+        """
+        return (self.point.block, self.point.layer) == (self.layout.num_levels - 1, self.layout.layers_per_block)
+
     # -- pieces, in UNet2DConditionModel.forward's order ------------------------------------------
     def _embed(
-        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added: Mapping[str, Tensor]
+        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added: Mapping[str, Any]
     ) -> tuple[Tensor, Tensor, Tensor]:
         unet = self.unet
         if unet.config.center_input_sample:
@@ -216,6 +234,14 @@ class UNetSplit:
                     hidden = downsampler(hidden)
                 skips.append(hidden)
         return hidden
+
+    @staticmethod
+    def _add_residuals(skips: list[Tensor], added: Mapping[str, Any]) -> list[Tensor]:
+        """ControlNet: its residuals are added to the skip connections (the live prefix when shallow)."""
+        residuals = added.get("down_residuals")
+        if residuals is None:
+            return skips
+        return [skip + residual for skip, residual in zip(skips, residuals)]
 
     def _mid(self, hidden: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         mid = self.unet.mid_block

@@ -62,8 +62,6 @@ def test_unknown_pipelines_are_refused(sd_pipe):
         fastcache.accelerate(SimpleNamespace(scheduler=None))
     with pytest.raises(UnsupportedPipelineError, match="unet is Linear"):
         fastcache.accelerate(_FakePipeline(unet=torch.nn.Linear(2, 2)))
-    with pytest.raises(UnsupportedPipelineError, match="ControlNet pipelines are not supported yet"):
-        fastcache.accelerate(_FakePipeline(unet=sd_pipe.unet, controlnet=torch.nn.Identity()))
     assert_untouched(sd_pipe)
 
 
@@ -92,8 +90,8 @@ def test_deepcache_helper_enabled_is_detected(sd_pipe):
     [
         (dict(cross_attention_kwargs={"scale": 0.5}), "cross_attention_kwargs"),
         (dict(added_cond_kwargs={"image_embeds": torch.zeros(1)}), "image_embeds"),
-        (dict(down_block_additional_residuals=(torch.zeros(1),), mid_block_additional_residual=torch.zeros(1)),
-         "ControlNet residuals"),
+        (dict(down_block_additional_residuals=(torch.zeros(1),)), "T2I-Adapter path"),
+        (dict(down_intrablock_additional_residuals=(torch.zeros(1),)), "T2I-Adapter residuals"),
         (dict(class_labels=torch.zeros(1)), "class_labels"),
     ],
 )

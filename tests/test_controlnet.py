@@ -1,0 +1,77 @@
+"""ControlNet pipelines (SD, SDXL, multi-ControlNet) against DeepCache 0.1.1.
+
+DeepCache's helper supports ControlNet implicitly: the U-Net adds the residuals to its skip
+connections (cached or not) and to the mid block's output, so the live shallow branch gets fresh
+residuals on cached steps, and the deepest branch a fresh mid residual. fastcache must match it.
+The tiny ControlNets have random (not zero) output convolutions, so their residuals move the
+latents by 3-6 and a residual applied wrongly would fail the 1e-5 bound.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+from fastcache.tiny import tiny_controlnet
+from fastcache.unet_split import unet_layout
+
+from .helpers import accelerated, deepcache_latents, latents, max_diff
+
+TOLERANCE = 1e-5
+
+
+def _control_image(seed: int = 0) -> torch.Tensor:
+    return torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl", "sd-multi"])
+def controlnet_pipe(request):
+    from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+    base = tiny_sdxl_pipeline() if request.param == "sdxl" else tiny_sd_pipeline()
+    pipeline_class = StableDiffusionXLControlNetPipeline if request.param == "sdxl" else StableDiffusionControlNetPipeline
+    if request.param == "sd-multi":
+        controlnet = [tiny_controlnet(base.unet, seed=1), tiny_controlnet(base.unet, seed=2)]
+    else:
+        controlnet = tiny_controlnet(base.unet)
+    pipe = pipeline_class(**base.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.control_kwargs = dict(image=[_control_image(1), _control_image(2)]) if request.param == "sd-multi" else dict(image=_control_image())
+    return pipe
+
+
+def test_controlnet_matters(controlnet_pipe):
+    with_control = latents(controlnet_pipe, **controlnet_pipe.control_kwargs)
+    scale = [0.0, 0.0] if isinstance(controlnet_pipe.control_kwargs["image"], list) else 0.0
+    without = latents(controlnet_pipe, controlnet_conditioning_scale=scale, **controlnet_pipe.control_kwargs)
+    assert max_diff(with_control, without) > 0.1
+
+
+def test_every_branch_matches_deepcache(controlnet_pipe):
+    call = controlnet_pipe.control_kwargs
+    for branch in range(unet_layout(controlnet_pipe.unet).num_branches):
+        expected = deepcache_latents(controlnet_pipe, 3, branch, **call)
+        with accelerated(controlnet_pipe, cache_interval=3, cache_branch_id=branch, compile=False):
+            actual = latents(controlnet_pipe, **call)
+        assert max_diff(actual, expected) <= TOLERANCE, f"branch {branch}"
+
+
+def test_caching_off_equals_plain(controlnet_pipe):
+    call = controlnet_pipe.control_kwargs
+    expected = latents(controlnet_pipe, **call)
+    with accelerated(controlnet_pipe, cache_interval=1, compile=False):
+        assert max_diff(latents(controlnet_pipe, **call), expected) <= 1e-6
+
+
+def test_residuals_through_graphs_and_dynamo(controlnet_pipe):
+    """Residuals are static graph inputs (emulated replay) and trace without graph breaks."""
+    call = controlnet_pipe.control_kwargs
+    deepest = unet_layout(controlnet_pipe.unet).num_branches - 1
+    for branch in (0, deepest):
+        expected = deepcache_latents(controlnet_pipe, 2, branch, **call)
+        with accelerated(controlnet_pipe, cache_interval=2, cache_branch_id=branch, compile=False, emulate_graphs=True):
+            assert max_diff(latents(controlnet_pipe, **call), expected) <= TOLERANCE
+    expected = deepcache_latents(controlnet_pipe, 2, 0, steps=4, **call)
+    with accelerated(controlnet_pipe, cache_interval=2, cache_branch_id=0, compile_backend="eager"):
+        assert max_diff(latents(controlnet_pipe, steps=4, **call), expected) <= TOLERANCE
