@@ -18,9 +18,15 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Hashable
 
 from .schedule import RefreshSchedule
+
+logger = logging.getLogger("fastcache")
+
+# Below this many steps (LCM, TCD, Turbo-style samplers) caching saves little and costs quality.
+FEW_STEPS = 10
 
 
 def steps_in_call(scheduler: Any) -> int | None:
@@ -49,6 +55,7 @@ class StepDispatcher:
     def __init__(self, schedule: RefreshSchedule) -> None:
         self.schedule = schedule
         self._forced: RefreshSchedule | None = None
+        self._warned_few_steps = False
         self.rearm()
 
     def rearm(self) -> None:
@@ -66,11 +73,25 @@ class StepDispatcher:
         """Decide the next U-Net call; True means refresh."""
         if self.step < 0 or not is_second_evaluation(scheduler):
             self.step += 1
+            schedule = self._forced or self.schedule
             if self.step == 0:
                 self._num_steps = steps_in_call(scheduler)
-            schedule = self._forced or self.schedule
+                self._warn_if_few_steps(schedule)
             self._step_refreshes = self.step == 0 or schedule.is_refresh(self.step, self._num_steps)
         refresh = self._step_refreshes or shape_key != self._refreshed_key
         if refresh:
             self._refreshed_key = shape_key
         return refresh
+
+    def _warn_if_few_steps(self, schedule: RefreshSchedule) -> None:
+        if self._forced is not None or self._warned_few_steps or not schedule.caches:
+            return
+        if self._num_steps is not None and self._num_steps < FEW_STEPS:
+            self._warned_few_steps = True
+            logger.warning(
+                "only %d denoising steps: few-step samplers (LCM, TCD, Turbo) change the deep features "
+                "a lot from step to step, so cached steps save little and cost quality. fastcache "
+                "keeps running the schedule (step 0 always refreshes); accelerate with cache_interval=1 "
+                "to turn caching off for such calls. (Said once per handle.)",
+                self._num_steps,
+            )

@@ -79,3 +79,20 @@ def test_steps_in_call_accounts_for_img2img_begin_index():
     assert steps_in_call(SimpleNamespace(num_inference_steps=50, begin_index=20, order=1)) == 30
     assert steps_in_call(SimpleNamespace(num_inference_steps=10, begin_index=8, order=2)) == 6
     assert steps_in_call(SimpleNamespace()) is None
+
+
+def test_few_steps_warn_once(caplog):
+    import logging
+
+    dispatcher = StepDispatcher(UniformSchedule(3))
+    with caplog.at_level(logging.WARNING, logger="fastcache"):
+        for _ in range(2):
+            dispatcher.rearm()
+            assert decisions(dispatcher, SimpleNamespace(num_inference_steps=4), 4) == "RccR"
+    assert caplog.text.count("only 4 denoising steps") == 1
+    caplog.clear()
+    quiet = StepDispatcher(UniformSchedule(1))  # caching off: nothing to warn about
+    with caplog.at_level(logging.WARNING, logger="fastcache"):
+        decisions(quiet, SimpleNamespace(num_inference_steps=4), 4)
+        decisions(StepDispatcher(UniformSchedule(3)), SimpleNamespace(num_inference_steps=25), 3)
+    assert caplog.text == ""
