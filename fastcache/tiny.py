@@ -61,13 +61,16 @@ def _tiny_vae() -> Any:
     )
 
 
-def tiny_sd_unet(sample_size: int = 16) -> Any:
-    """An SD 1.x-shaped U-Net: 3 cross-attention down blocks, a plain deepest block, 12 branches."""
+def tiny_sd_unet(sample_size: int = 16, in_channels: int = 4) -> Any:
+    """An SD 1.x-shaped U-Net: 3 cross-attention down blocks, a plain deepest block, 12 branches.
+
+    ``in_channels=9`` gives an inpainting U-Net (latents, mask, masked-image latents).
+    """
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(16, 16, 32, 32),
         layers_per_block=2,
@@ -79,8 +82,12 @@ def tiny_sd_unet(sample_size: int = 16) -> Any:
     )
 
 
-def tiny_sdxl_unet(sample_size: int = 16) -> Any:
-    """An SDXL-shaped U-Net: a plain first block, ``text_time`` conditions, 9 branches."""
+def tiny_sdxl_unet(sample_size: int = 16, refiner: bool = False) -> Any:
+    """An SDXL-shaped U-Net: a plain first block, ``text_time`` conditions, 9 branches.
+
+    ``refiner=True``: the refiner's conditioning (5 time ids with an aesthetic score, text
+    embeddings from the second encoder only, so a 32-wide cross-attention).
+    """
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -96,8 +103,8 @@ def tiny_sdxl_unet(sample_size: int = 16) -> Any:
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
+        projection_class_embeddings_input_dim=(5 if refiner else 6) * 8 + 32,
+        cross_attention_dim=32 if refiner else 64,
         norm_num_groups=8,
     )
 
@@ -111,16 +118,20 @@ def _finish(pipe: Any, device: str | torch.device, dtype: torch.dtype) -> Any:
 
 
 def tiny_sd_pipeline(
-    seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    pipeline_class: Any = None, in_channels: int = 4,
 ) -> Any:
-    """A StableDiffusionPipeline with tiny random weights (default image 128x128, latents 16x16)."""
+    """A StableDiffusionPipeline with tiny random weights (default image 128x128, latents 16x16).
+
+    `pipeline_class` builds another SD pipeline from the same components (img2img, inpaint...).
+    """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    pipe = StableDiffusionPipeline(
-        unet=tiny_sd_unet(),
+    pipe = (pipeline_class or StableDiffusionPipeline)(
+        unet=tiny_sd_unet(in_channels=in_channels),
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
         tokenizer=tokenizer,
@@ -136,15 +147,19 @@ def tiny_sd_pipeline(
 
 
 def tiny_sdxl_pipeline(
-    seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    pipeline_class: Any = None,
 ) -> Any:
-    """A StableDiffusionXLPipeline with tiny random weights and both text encoders."""
+    """A StableDiffusionXLPipeline with tiny random weights and both text encoders.
+
+    `pipeline_class` builds another SDXL pipeline from the same components (img2img, inpaint).
+    """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    pipe = StableDiffusionXLPipeline(
+    pipe = (pipeline_class or StableDiffusionXLPipeline)(
         unet=tiny_sdxl_unet(),
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
@@ -156,6 +171,32 @@ def tiny_sdxl_pipeline(
             timestep_spacing="leading",
         ),
         force_zeros_for_empty_prompt=True,
+    )
+    return _finish(pipe, device, dtype)
+
+
+def tiny_sdxl_refiner(
+    seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
+    """An SDXL refiner: StableDiffusionXLImg2ImgPipeline, second text encoder only, aesthetic score."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        unet=tiny_sdxl_unet(refiner=True),
+        vae=_tiny_vae(),
+        text_encoder=None,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer))),
+        tokenizer=None,
+        tokenizer_2=tokenizer,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
     )
     return _finish(pipe, device, dtype)
 
