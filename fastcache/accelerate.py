@@ -117,6 +117,12 @@ class FastCache:
         schedule = config.refresh_schedule()
         unet = _pipeline_unet(pipe)
         split = UNetSplit(unet, config.cache_branch_id)
+        if getattr(unet, "_hf_hook", None) is not None:
+            raise UnsupportedPipelineError(
+                "this pipeline's U-Net has accelerate hooks (enable_model_cpu_offload, "
+                "enable_sequential_cpu_offload or a device_map); fastcache does not support model "
+                "offload yet: keep the pipeline on one device (pipe.to('cuda'))"
+            )
         if getattr(type(pipe), "_fastcache_handle", None) is not None:
             raise AlreadyAcceleratedError(
                 "this pipeline is already accelerated by fastcache; call disable() on its handle first"
@@ -232,9 +238,22 @@ class FastCache:
             self.pipe.__class__ = self._original_class
 
     def _begin_pipeline_call(self) -> None:
+        if getattr(self.unet, "_hf_hook", None) is not None:
+            raise UnsupportedInputError(
+                "the U-Net got accelerate hooks (enable_model_cpu_offload / device_map) after "
+                "fastcache.accelerate; fastcache does not support model offload yet. Call disable() on "
+                "the fastcache handle before enabling offload."
+            )
         self._dispatcher.rearm()
         self.stats.pipeline_calls += 1
         self.stats.last_call = []
+
+    def _move_to(self, device: torch.device) -> None:
+        """The pipeline was moved (``pipe.to``) after accelerate: new runner, graphs made anew."""
+        logger.warning("the U-Net moved from %s to %s: fastcache prepares its graphs again there", self._device, device)
+        self._runner.release()
+        self._runner = _make_runner(self.split, self.config, device)
+        self._device = device
 
     def _unet_forward(
         self,
@@ -281,10 +300,7 @@ class FastCache:
                 + ". Call disable() on the fastcache handle to run this pipeline without it."
             )
         if sample.device != self._device:
-            raise UnsupportedInputError(
-                f"the U-Net was accelerated on {self._device} but now runs on {sample.device}; "
-                "call disable() and accelerate again after moving the pipeline"
-            )
+            self._move_to(sample.device)
         if not self._in_pipeline_call and not self._warned_outside_call:
             self._warned_outside_call = True
             logger.warning(

@@ -18,7 +18,7 @@ from fastcache.errors import (
     UnsupportedPipelineError,
 )
 
-from .helpers import accelerated, assert_untouched, latents, max_diff
+from .helpers import accelerated, assert_untouched, deepcache_latents, latents, max_diff
 
 
 @pytest.mark.parametrize(
@@ -221,3 +221,34 @@ def test_changing_the_scheduler_between_calls_equals_fresh_accelerations(sd_pipe
                 assert handle.stats.last_call[0] is True
     finally:
         sd_pipe.scheduler = original
+
+
+def test_pipe_to_another_dtype_after_accelerate(sd_pipe):
+    """New dtype, new shape key: graphs are prepared again and results follow the moved pipeline."""
+    try:
+        with accelerated(sd_pipe, cache_interval=3, compile=False, emulate_graphs=True) as handle:
+            latents(sd_pipe, steps=4)
+            sd_pipe.to(torch.float64)
+            actual = latents(sd_pipe, steps=4)
+            assert actual.dtype == torch.float64 and handle._runner.captures == 4
+        expected = deepcache_latents(sd_pipe, 3, 0, steps=4)
+        assert max_diff(actual, expected) <= 1e-12
+    finally:
+        sd_pipe.to(torch.float32)
+
+
+def test_model_offload_is_refused_clearly(sd_pipe):
+    """accelerate's offload hooks replace forward; fastcache refuses rather than risk wrong images."""
+    sd_pipe.unet._hf_hook = object()
+    try:
+        with pytest.raises(UnsupportedPipelineError, match="offload"):
+            fastcache.accelerate(sd_pipe, compile=False)
+    finally:
+        del sd_pipe.unet._hf_hook
+    with accelerated(sd_pipe, compile=False):
+        sd_pipe.unet._hf_hook = object()
+        try:
+            with pytest.raises(UnsupportedInputError, match="offload"):
+                latents(sd_pipe, steps=2)
+        finally:
+            del sd_pipe.unet._hf_hook
