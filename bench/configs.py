@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-PRESETS = ("sd15", "sd21", "sdxl")
+PRESETS = ("sd15", "sd21", "sdxl", "cpu-small")
 
 _SD_BLOCKS = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -40,6 +40,14 @@ _UNETS: dict[str, dict[str, Any]] = {
         projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5,
         flip_sin_to_cos=True, freq_shift=0, act_fn="silu", downsample_padding=1, mid_block_scale_factor=1,
     ),
+    # Not a published model: SD 1.5's block structure (4 levels, layers_per_block=2, cross-attention
+    # in the first three, 12 DeepCache branches) with a fifth of its channels and a 256 px default,
+    # so a whole benchmark, inductor compiles included, fits in minutes on 2 CPU cores in fp32.
+    "cpu-small": dict(
+        _SD_BLOCKS, block_out_channels=(64, 128, 256, 256), sample_size=32, in_channels=4, out_channels=4,
+        layers_per_block=2, attention_head_dim=8, cross_attention_dim=256, norm_num_groups=32, norm_eps=1e-5,
+        flip_sin_to_cos=True, freq_shift=0, act_fn="silu", downsample_padding=1, mid_block_scale_factor=1,
+    ),
 }
 
 _VAE = dict(
@@ -51,6 +59,7 @@ _VAES = {
     "sd15": dict(_VAE, sample_size=512),
     "sd21": dict(_VAE, sample_size=768),
     "sdxl": dict(_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    "cpu-small": dict(_VAE, block_out_channels=(32, 64, 128, 128), sample_size=256),
 }
 
 # CLIP ViT-L/14 (SD 1.x, SDXL's first encoder); OpenCLIP ViT-H (SD 2.x); OpenCLIP ViT-bigG (SDXL's second).
@@ -60,7 +69,10 @@ _CLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                projection_dim=512, hidden_act="gelu")
 _CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
                projection_dim=1280, hidden_act="gelu")
-_TEXT = {"sd15": (_CLIP_L,), "sd21": (_CLIP_H,), "sdxl": (_CLIP_L, _CLIP_G)}
+# cpu-small: a 4-layer CLIP-like encoder whose width matches its U-Net's cross_attention_dim.
+_CLIP_SMALL = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_hidden_layers=4,
+                   projection_dim=256, hidden_act="quick_gelu")
+_TEXT = {"sd15": (_CLIP_L,), "sd21": (_CLIP_H,), "sdxl": (_CLIP_L, _CLIP_G), "cpu-small": (_CLIP_SMALL,)}
 
 _SCHEDULERS = {
     "sd15": ("PNDMScheduler", dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -72,7 +84,9 @@ _SCHEDULERS = {
                                             steps_offset=1, timestep_spacing="leading")),
 }
 
-RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl": 1024}
+_SCHEDULERS["cpu-small"] = _SCHEDULERS["sd15"]
+
+RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl": 1024, "cpu-small": 256}
 
 
 def unet_config(preset: str) -> dict[str, Any]:

@@ -211,9 +211,19 @@ class FastCache:
         new = tuple(describe_key(key) for key in self._seen_keys - known)
         return WarmupReport(time.perf_counter() - start, new, self.compilations - before)
 
+    @property
+    def runtime(self) -> str:
+        """What runs the U-Net: "eager", "compiled", "cuda-graphs" or "emulated-graphs"."""
+        runner = self._runner
+        if isinstance(runner, GraphRunner):
+            return "emulated-graphs" if runner.emulate else "cuda-graphs"
+        return "compiled" if isinstance(runner, CompiledRunner) else "eager"
+
     def reset(self) -> None:
-        """Make the next U-Net call a refresh (for custom loops that call pipe.unet directly)."""
+        """Make the next U-Net call a refresh: custom loops that call pipe.unet directly call this
+        before each loop (and are then not warned about calls outside the pipeline)."""
         self._dispatcher.rearm()
+        self._warned_outside_call = True
 
     def disable(self) -> None:
         """Restore the pipeline exactly as it was and free graphs and cached features."""

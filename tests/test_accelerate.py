@@ -186,8 +186,21 @@ def test_calls_outside_the_pipeline_warn_once(sd_pipe, caplog):
         with caplog.at_level(logging.WARNING, logger="fastcache"):
             for _ in range(3):
                 sd_pipe.unet(torch.zeros(2, 4, 16, 16), 10, torch.zeros(2, 77, 32))
-        handle.reset()
         assert caplog.text.count("outside the accelerated pipeline") == 1
+    caplog.clear()
+    with accelerated(sd_pipe, cache_interval=2, compile=False) as handle:  # a custom loop that re-arms
+        with caplog.at_level(logging.WARNING, logger="fastcache"):
+            handle.reset()
+            for _ in range(3):
+                sd_pipe.unet(torch.zeros(2, 4, 16, 16), 10, torch.zeros(2, 77, 32))
+        assert caplog.text == "" and handle.stats.last_call == [True, False, True]
+
+
+def test_runtime_names_the_runner(sd_pipe):
+    for options, name in ((dict(compile=False), "eager"), (dict(), "compiled"),
+                          (dict(compile=False, emulate_graphs=True), "emulated-graphs")):
+        with accelerated(sd_pipe, **options) as handle:
+            assert handle.runtime == name
 
 
 def test_warmup_follows_the_serving_call_arguments(sd_pipe):

@@ -1,0 +1,229 @@
+"""The benchmark command.
+
+    python -m bench run --preset sd21 --res 512,768 --batch 1,4,8 --steps 50 --configs I3B0,I5B0,I5B1
+
+times eager diffusers, DeepCache, torch.compile and fastcache in one process on the same inputs,
+prints the tables and writes JSON, Markdown, a plot and sample images (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+
+DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """``512,768`` (square) or ``768x512`` (width x height) entries."""
+    sizes = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        width, _, height = part.lower().partition("x")
+        sizes.append((int(width), int(height or width)))
+    return sizes
+
+
+def _cuda_graphs(text: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[text]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from .presets import PRESETS
+
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--res", type=_sizes, default=None,
+                        help="resolutions, e.g. 512,768 or 768x512 (default: the preset's)")
+    parser.add_argument("--batch", type=_ints, default=[1], help="images per prompt, e.g. 1,4,8")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    parser.add_argument("--configs", default="I3B0,I5B0,I5B1",
+                        help="DeepCache configs I<interval>B<branch>, comma-separated")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per method and mode (median and spread)")
+    parser.add_argument("--step-calls", type=int, default=None,
+                        help="direct U-Net calls per refresh interval for step timing (default: --runs)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=7.5, help="guidance_scale (> 1: classifier-free guidance)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                        help="auto: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of `compile` and `fastcache` (the smoke test uses eager)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the `compile` method")
+    parser.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto", help="fastcache's cuda_graphs")
+    parser.add_argument("--restart", choices=("first", "all", "none"), default="first",
+                        help="time accelerate+warmup in a fresh process with a filled compile cache: for the first "
+                             "shape, every shape, or not at all")
+    parser.add_argument("--cache-dir", default=None,
+                        help="TORCHINDUCTOR_CACHE_DIR for this run; default: a new empty directory, removed at the "
+                             "end, so in-process compiles are cold and the restart probes see only this run's")
+    parser.add_argument("--out", default=RESULTS, help="folder for the result files")
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--width", type=int, required=True)
+    parser.add_argument("--height", type=int, required=True)
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--dtype", required=True)
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--cuda-graphs", type=_cuda_graphs, default=None)
+
+
+def _dtype(name: str, device: Any) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _compile_cache(args: argparse.Namespace) -> tuple[str, bool, str]:
+    """Point inductor at this run's cache directory; (path, created by us, description)."""
+    if args.cache_dir:
+        path = os.path.abspath(args.cache_dir)
+        empty = not os.path.isdir(path) or not os.listdir(path)
+        os.makedirs(path, exist_ok=True)
+        created, description = False, f"`{path}` ({'empty' if empty else 'not empty'} at the start)"
+    else:
+        path = tempfile.mkdtemp(prefix="bench-inductor-cache-")
+        created, description = True, "a new empty directory (in-process compiles are cold)"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path, created, description
+
+
+def _meta(args: argparse.Namespace, argv: list[str], preset: Any, pipe: Any, build_s: float, device: Any,
+          dtype: Any, settings: Any, shapes: list[Any], started: float, cache_created: bool,
+          cache_description: str) -> dict[str, Any]:
+    """Everything about the run except its measurements: command, environment, settings, pipeline."""
+    from .env import environment
+
+    return {
+        "command": "python -m bench " + shlex.join(argv),
+        "argv": argv,
+        "preset_description": preset.description,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "environment": environment(device),
+        "settings": {
+            "preset": preset.name, "steps": settings.steps, "runs": settings.runs,
+            "step_calls_per_interval": settings.step_calls, "prompt": settings.prompt, "seed": settings.seed,
+            "guidance_scale": settings.guidance_scale, "dtype": str(dtype).replace("torch.", ""),
+            "configs": [c.label for c in _configs(args)], "shapes": [s.label for s in shapes],
+            "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
+            "cuda_graphs": args.cuda_graphs, "restart": args.restart,
+        },
+        "pipeline": {
+            "class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "build_s": build_s,
+            "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
+        },
+        "compile_cache": {"created_for_this_run": cache_created, "description": cache_description},
+    }
+
+
+def _configs(args: argparse.Namespace) -> list[Any]:
+    """The ``--configs`` list as CacheConfig objects."""
+    from .runner import parse_configs
+
+    return parse_configs(args.configs)
+
+
+def _restarts(args: argparse.Namespace, preset: Any, shapes: list[Any], steps: int, device: Any) -> list[Any]:
+    """The restart probes: every fastcache config at the first shape, every shape, or none."""
+    from .restart import run_probe
+    from .runner import log
+
+    results = []
+    for shape in {"first": shapes[:1], "all": shapes, "none": []}[args.restart]:
+        for config in _configs(args):
+            log(f"restart probe: {shape.label} fastcache {config.label}")
+            results.append(run_probe({
+                "preset": preset.name, "width": shape.width, "height": shape.height, "batch": shape.batch,
+                "config": config.label, "steps": steps, "prompt": args.prompt, "seed": args.seed,
+                "guidance": args.guidance, "device": str(device), "dtype": args.dtype,
+                "compile-backend": args.compile_backend, "cuda-graphs": args.cuda_graphs,
+            }))
+    return results
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """``python -m bench run``: measure every shape and method, then the restarts; write the files."""
+    import torch
+
+    from . import report
+    from .env import load_average
+    from .methods import CompileSettings, Shape, build_methods
+    from .presets import get_preset
+    from .results import BenchResult
+    from .runner import RunSettings, measure_shape
+
+    started = time.time()
+    preset = get_preset(args.preset)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _dtype(args.dtype, device)
+    configs = _configs(args)
+    shapes = [Shape(w, h, b) for (w, h) in (args.res or [(preset.resolution,) * 2]) for b in args.batch]
+    if args.runs < 1:
+        raise SystemExit("--runs must be at least 1")
+    settings = RunSettings(args.steps or preset.steps, args.runs, args.prompt, args.seed, args.guidance,
+                           args.step_calls or args.runs)
+    cache_path, cache_created, cache_description = _compile_cache(args)
+    # SIGTERM as SystemExit, so that `finally` still removes the temporary compile cache.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        build_start = time.perf_counter()
+        pipe = preset.build(device, dtype, args.seed)
+        build_s = time.perf_counter() - build_start
+        methods = build_methods(configs, CompileSettings(args.compile_backend, args.compile_mode,
+                                                         _cuda_graphs(args.cuda_graphs)))
+        result = BenchResult(_meta(args, argv, preset, pipe, build_s, device, dtype, settings, shapes, started,
+                                   cache_created, cache_description))
+        samples: dict[str, Any] = {}
+        for index, shape in enumerate(shapes):
+            result.shapes.append(measure_shape(pipe, shape, methods, settings, device, samples if index == 0 else None))
+        del pipe, methods
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        result.restarts = _restarts(args, preset, shapes, settings.steps, device)
+        result.meta["total_s"] = time.time() - started
+        result.meta["environment"]["load_average_at_end"] = load_average()
+        stem = f"{preset.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
+        paths = report.write_all(result, args.out, stem, samples)
+    finally:
+        if cache_created:
+            shutil.rmtree(cache_path, ignore_errors=True)
+    print(report.summary(result))
+    print()
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_run_arguments(commands.add_parser("run", help="run the benchmark and write result files"))
+    add_probe_arguments(commands.add_parser("restart-probe", help="internal: the fresh process of the restart timing"))
+    args = parser.parse_args(argv)
+    if args.command == "restart-probe":
+        from .restart import probe_main
+
+        return probe_main(args)
+    return run(args, argv)

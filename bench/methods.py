@@ -1,0 +1,240 @@
+"""The four methods the benchmark compares, each with enable/disable that leave the pipeline as built.
+
+* ``eager``: the plain diffusers pipeline, attention through SDPA (diffusers' default processor).
+* ``deepcache``: the DeepCache 0.1.1 package's ``DeepCacheSDHelper`` (eager module wrapping).
+* ``compile``: the plain pipeline with ``pipe.unet.forward`` under ``torch.compile`` (no caching).
+* ``fastcache``: ``fastcache.accelerate`` (compiled graphs; CUDA Graphs on CUDA by default).
+
+Each method also says, after a direct ``pipe.unet(...)`` call, whether that call ran the whole
+U-Net ("full"/"refresh") or only the shallow branch ("cached"), read from the method's own state,
+so step times are classified by what actually ran, not by what the schedule should have done.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FULL, REFRESH, CACHED = "full", "refresh", "cached"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """A DeepCache setting written ``I{cache_interval}B{cache_branch_id}`` (e.g. I3B0)."""
+
+    interval: int
+    branch: int
+
+    @property
+    def label(self) -> str:
+        return f"I{self.interval}B{self.branch}"
+
+    @classmethod
+    def parse(cls, text: str) -> "CacheConfig":
+        match = re.fullmatch(r"[Ii](\d+)[Bb](\d+)", text.strip())
+        if not match or int(match.group(1)) < 1:
+            raise ValueError(f"config {text!r} is not I<interval>B<branch> with interval >= 1 (e.g. I3B0)")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmarked image size and batch (images per prompt)."""
+
+    width: int
+    height: int
+    batch: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.width}x{self.height} b{self.batch}"
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """How the ``compile`` and ``fastcache`` methods compile (the smoke test uses backend "eager")."""
+
+    backend: str = "inductor"
+    mode: str | None = None  # torch.compile mode of the ``compile`` method (None: default)
+    cuda_graphs: bool | None = None  # fastcache's option; None: on for CUDA
+
+
+def _dynamo_reset() -> None:
+    """Drop dynamo's in-memory cache entries (they hold references to the disabled method's graphs)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
+def _drop_instance_forwards(module: torch.nn.Module) -> None:
+    """Delete ``forward`` instance attributes that only re-bind the class's own forward.
+
+    DeepCache's ``disable()`` assigns the saved bound methods back as instance attributes; the
+    behaviour is the original, but the modules are not as built (and each holds a reference cycle).
+    """
+    for sub in module.modules():
+        bound = vars(sub).get("forward")
+        if bound is not None and getattr(bound, "__func__", None) is type(sub).forward and bound.__self__ is sub:
+            del sub.forward
+
+
+def is_restored(pipe: Any, pipeline_class: type) -> bool:
+    """The pipeline has its original class and no module carries a patched forward."""
+    return type(pipe) is pipeline_class and all("forward" not in vars(m) for m in pipe.unet.modules())
+
+
+class Method:
+    """A way to run the pipeline: ``enable`` before the measurements, ``disable`` after."""
+
+    kind = "method"
+
+    def __init__(self, config: CacheConfig | None = None) -> None:
+        self.config = config
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.config is None else f"{self.kind} {self.config.label}"
+
+    def enable(self, pipe: Any, shape: Shape, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Install the method (and warm it up where that is a separate step). Returns details."""
+        self.pipe = pipe
+        return {}
+
+    def disable(self) -> None:
+        """Undo `enable` completely."""
+
+    def begin_direct_calls(self) -> None:
+        """Before a series of direct ``pipe.unet(...)`` calls: start as a denoising loop would."""
+
+    def last_call_kind(self) -> str:
+        """What the latest direct U-Net call ran: FULL (no caching), REFRESH or CACHED."""
+        return FULL
+
+    def refresh_pattern(self) -> list[bool] | None:
+        """Refresh (True) or cached (False) per U-Net call of the latest pipeline call, where known."""
+        return None
+
+
+class Eager(Method):
+    kind = "eager"
+
+    def enable(self, pipe: Any, shape: Shape, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+        super().enable(pipe, shape, call_kwargs)
+        processors = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
+        return {"attention_processors": processors}
+
+
+class DeepCache(Method):
+    kind = "deepcache"
+
+    def enable(self, pipe: Any, shape: Shape, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+        from DeepCache import DeepCacheSDHelper
+
+        super().enable(pipe, shape, call_kwargs)
+        assert self.config is not None
+        self.helper = DeepCacheSDHelper(pipe=pipe)
+        self.helper.set_params(cache_interval=self.config.interval, cache_branch_id=self.config.branch)
+        self.helper.enable()
+        return {}
+
+    def disable(self) -> None:
+        self.helper.disable()
+        _drop_instance_forwards(self.pipe.unet)
+
+    def begin_direct_calls(self) -> None:
+        # DeepCache counts steps from the first timestep it ever saw after enable(); the pipeline
+        # calls before already set it to the first timestep, where direct calls start too.
+        pass
+
+    def last_call_kind(self) -> str:
+        """DeepCache's own rule (uniform mode): refresh when (step - start) % interval == 0."""
+        helper = self.helper
+        step = helper.cur_timestep - helper.start_timestep
+        return REFRESH if step % helper.params["cache_interval"] == 0 else CACHED
+
+
+class Compile(Method):
+    kind = "compile"
+
+    def __init__(self, settings: CompileSettings) -> None:
+        super().__init__(None)
+        self.settings = settings
+
+    def enable(self, pipe: Any, shape: Shape, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Compiles lazily: the first pipeline call (timed as time to first image) compiles."""
+        super().enable(pipe, shape, call_kwargs)
+        options: dict[str, Any] = dict(backend=self.settings.backend, fullgraph=True, dynamic=False)
+        if self.settings.mode is not None:
+            options["mode"] = self.settings.mode
+        pipe.unet.forward = torch.compile(pipe.unet.forward, **options)
+        return {"torch_compile": {k: v for k, v in options.items()}}
+
+    def disable(self) -> None:
+        del self.pipe.unet.forward
+        _dynamo_reset()
+
+
+class FastCache(Method):
+    kind = "fastcache"
+
+    def __init__(self, config: CacheConfig, settings: CompileSettings) -> None:
+        super().__init__(config)
+        self.settings = settings
+
+    def enable(self, pipe: Any, shape: Shape, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """accelerate + warmup for this shape, with the same call arguments as the timed calls."""
+        import fastcache
+
+        super().enable(pipe, shape, call_kwargs)
+        assert self.config is not None
+        self.handle = fastcache.accelerate(
+            pipe, cache_interval=self.config.interval, cache_branch_id=self.config.branch,
+            compile=True, compile_backend=self.settings.backend, cuda_graphs=self.settings.cuda_graphs,
+        )
+        try:
+            report = self.handle.warmup(
+                height=shape.height, width=shape.width, batch_size=shape.batch, **call_kwargs
+            )
+        except BaseException:
+            self.handle.disable()
+            raise
+        return {
+            "warmup": {"seconds": report.seconds, "compilations": report.compilations,
+                       "new_shapes": list(report.new_shapes)},
+            "cuda_graphs": self.handle.runtime == "cuda-graphs",
+            "runtime": self.handle.runtime,
+        }
+
+    def disable(self) -> None:
+        self.handle.disable()
+        _dynamo_reset()
+
+    def begin_direct_calls(self) -> None:
+        self.handle.reset()
+        self._counts = (self.handle.stats.refresh_steps, self.handle.stats.cached_steps)
+
+    def refresh_pattern(self) -> list[bool] | None:
+        return list(self.handle.stats.last_call)
+
+    def last_call_kind(self) -> str:
+        """Classified by which of fastcache's counters moved during the call."""
+        counts = (self.handle.stats.refresh_steps, self.handle.stats.cached_steps)
+        moved = (counts[0] - self._counts[0], counts[1] - self._counts[1])
+        self._counts = counts
+        if moved == (1, 0):
+            return REFRESH
+        if moved == (0, 1):
+            return CACHED
+        raise RuntimeError(f"one U-Net call moved fastcache's counters by {moved}")
+
+
+def build_methods(configs: list[CacheConfig], settings: CompileSettings) -> list[Method]:
+    """The order the benchmark runs them in: eager first (the reference), then compile, then
+    DeepCache and fastcache at each config, one after the other."""
+    methods: list[Method] = [Eager(), Compile(settings)]
+    for config in configs:
+        methods += [DeepCache(config), FastCache(config, settings)]
+    return methods

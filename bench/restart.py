@@ -1,0 +1,91 @@
+"""Time to first image after a process restart, with inductor's on-disk cache already filled.
+
+The parent runs ``python -m bench restart-probe ...`` in a fresh interpreter (same environment,
+so the same ``TORCHINDUCTOR_CACHE_DIR`` that the in-process runs filled). The child builds the
+pipeline, then times ``fastcache.accelerate`` + ``warmup`` and the first image after it, and
+prints one JSON line. The parent times the whole process from launch to exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .results import RestartResult
+
+MARKER = "BENCH-RESTART "
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def probe_command(args: dict[str, Any]) -> list[str]:
+    """The child's command line (``args``: option name -> value)."""
+    command = [sys.executable, "-m", "bench", "restart-probe"]
+    for name, value in args.items():
+        if value is not None:
+            command += [f"--{name}", str(value)]
+    return command
+
+
+def run_probe(args: dict[str, Any], timeout_s: float = 3600.0) -> RestartResult:
+    """Launch the child, wait, and combine its report with the process wall time."""
+    launched = time.time()
+    start = time.perf_counter()
+    completed = subprocess.run(
+        probe_command(args), cwd=_REPO, capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ)
+    )
+    process_s = time.perf_counter() - start
+    lines = [line for line in completed.stdout.splitlines() if line.startswith(MARKER)]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"restart probe failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
+    report = json.loads(lines[-1][len(MARKER):])
+    return RestartResult(
+        config=args["config"], shape=f"{args['width']}x{args['height']} b{args['batch']}", process_s=process_s,
+        import_s=report["main_started"] - launched, build_s=report["build_s"],
+        accelerate_warmup_s=report["accelerate_warmup_s"],
+        first_image_after_warmup_s=report["first_image_after_warmup_s"],
+        compilations=report["compilations"], compile_cache=report["compile_cache"],
+    )
+
+
+def probe_main(options: Any) -> int:
+    """The child side (``python -m bench restart-probe``): build, accelerate + warmup, one image."""
+    main_started = time.time()
+    import torch
+
+    import fastcache
+
+    from .cli import _dtype
+    from .methods import CacheConfig, Shape
+    from .presets import get_preset
+    from .runner import compile_counters
+    from .timing import synchronize, timed
+    from .workload import Workload
+
+    device = torch.device(options.device)
+    dtype = _dtype(options.dtype, device)
+    config = CacheConfig.parse(options.config)
+    shape = Shape(options.width, options.height, options.batch)
+    build_s, pipe = timed(lambda: get_preset(options.preset).build(device, dtype, options.seed), device)
+    workload = Workload(pipe, shape, options.steps, options.prompt, options.seed, options.guidance)
+    before = compile_counters()
+    start = time.perf_counter()
+    handle = fastcache.accelerate(
+        pipe, cache_interval=config.interval, cache_branch_id=config.branch,
+        compile_backend=options.compile_backend, cuda_graphs=options.cuda_graphs,
+    )
+    handle.warmup(height=shape.height, width=shape.width, batch_size=shape.batch, **workload.call_kwargs())
+    synchronize(device)
+    warm_s = time.perf_counter() - start
+    first_s, _ = timed(workload.end_to_end, device)
+    report = {
+        "main_started": main_started, "build_s": build_s, "accelerate_warmup_s": warm_s,
+        "first_image_after_warmup_s": first_s, "compilations": handle.compilations,
+        "compile_cache": {k: v - before[k] for k, v in compile_counters().items()},
+    }
+    handle.disable()
+    print(MARKER + json.dumps(report), flush=True)
+    return 0

@@ -1,0 +1,127 @@
+"""Result records of a benchmark run; every number in them is measured or derived from measurements.
+
+`to_jsonable` writes non-finite floats as the strings "inf", "-inf" and "nan" (strict JSON has no
+such numbers; PSNR of identical images is legitimately infinite).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .timing import TimingStats
+
+
+@dataclass
+class Quality:
+    """One output against another: PSNR (dB) and SSIM of decoded images, relative L2 of latents."""
+
+    psnr: float
+    ssim: float
+    latent_rel_l2: float
+
+
+@dataclass
+class StepTimes:
+    """Seconds per direct U-Net call, by what the call ran (full U-Net, refresh, cached)."""
+
+    full: TimingStats | None = None
+    refresh: TimingStats | None = None
+    cached: TimingStats | None = None
+    pattern: list[str] = field(default_factory=list)  # kind of every timed call, in order
+    note: str | None = None
+
+
+@dataclass
+class MethodResult:
+    """Everything measured for one method (and config) at one shape."""
+
+    method: str
+    config: str | None
+    label: str
+    setup_s: float  # enable(): for fastcache accelerate + warmup (compile, and capture on CUDA)
+    first_image_s: float  # setup + the first end-to-end call (compiles there for `compile`)
+    compile_cache: dict[str, int]  # inductor FX-graph cache hits/misses during setup + first image
+    details: dict[str, Any]
+    end_to_end: TimingStats
+    denoise: TimingStats
+    steps: StepTimes
+    peak_memory_bytes: int | None
+    peak_memory_note: str | None
+    restored: bool  # the pipeline had its original class and no patched forward after disable()
+    outputs_finite: bool  # no NaN/inf in the images and latents (random fp16 weights could overflow)
+    load_average: list[float] | None = None  # 1/5/15 min after this method: competing processes show here
+    refresh_pattern: list[bool] | None = None  # fastcache: last pipeline call's decisions (True = refresh)
+    quality_vs_eager: Quality | None = None
+    speedup_end_to_end: float | None = None  # eager median / this median
+    speedup_denoise: float | None = None
+
+
+@dataclass
+class Agreement:
+    """DeepCache and fastcache at one config: against each other and each against eager."""
+
+    config: str
+    fastcache_vs_deepcache: Quality
+    deepcache_vs_eager: Quality
+    fastcache_vs_eager: Quality
+    # rel. L2 (latents) of each against eager, divided by theirs against each other.
+    closeness_ratio: float
+    speedup_end_to_end: float  # deepcache median / fastcache median
+    speedup_denoise: float
+
+
+@dataclass
+class RestartResult:
+    """A fresh process doing accelerate + warmup with inductor's on-disk cache already filled."""
+
+    config: str
+    shape: str
+    process_s: float  # wall time of the whole subprocess, interpreter start to exit
+    import_s: float
+    build_s: float
+    accelerate_warmup_s: float
+    first_image_after_warmup_s: float
+    compilations: int
+    compile_cache: dict[str, int]
+
+
+@dataclass
+class ShapeResult:
+    width: int
+    height: int
+    batch: int
+    unet_batch: int  # rows of a U-Net call (2x batch with classifier-free guidance)
+    methods: list[MethodResult] = field(default_factory=list)
+    agreements: list[Agreement] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.width}x{self.height} b{self.batch}"
+
+    def get(self, label: str) -> MethodResult:
+        return next(m for m in self.methods if m.label == label)
+
+
+@dataclass
+class BenchResult:
+    meta: dict[str, Any]
+    shapes: list[ShapeResult] = field(default_factory=list)
+    restarts: list[RestartResult] = field(default_factory=list)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, TimingStats and floats as strict-JSON values."""
+    if isinstance(value, TimingStats):
+        return to_jsonable(value.to_dict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value

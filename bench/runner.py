@@ -1,0 +1,213 @@
+"""The benchmark loop: for every shape, every method, in one process on the same inputs.
+
+Per method and shape, in this order:
+
+1. ``enable`` (fastcache: accelerate + warmup) and the first end-to-end call: time to first image,
+   reported apart and never part of the timed runs;
+2. ``runs`` timed end-to-end calls, then ``runs`` timed denoising-loop calls (peak CUDA memory
+   over both);
+3. direct ``pipe.unet(...)`` calls with the pipeline's real inputs, each classified as full,
+   refresh or cached by the method's own state;
+4. ``disable``, then a check that the pipeline is as built.
+
+Quality compares the outputs of the timed calls with eager's (same seed, same prompt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from . import metrics
+from .env import load_average
+from .methods import CACHED, FULL, REFRESH, CacheConfig, Method, Shape, is_restored
+from .results import Agreement, MethodResult, Quality, ShapeResult, StepTimes
+from .timing import PeakMemory, TimingStats, repeat, synchronize, timed
+from .workload import UNetInputs, Workload
+
+
+@dataclass
+class Outputs:
+    """What a method produced at one shape: images (N, H, W, 3) in [0, 1] and final latents."""
+
+    images: np.ndarray
+    latents: np.ndarray
+
+
+@dataclass
+class RunSettings:
+    steps: int
+    runs: int
+    prompt: str
+    seed: int
+    guidance_scale: float
+    step_calls: int  # direct U-Net calls per method: this many per refresh interval
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def compile_counters() -> dict[str, int]:
+    """Inductor's FX-graph cache hits and misses so far in this process."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return {name: int(inductor[name]) for name in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+
+
+def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after}
+
+
+@contextlib.contextmanager
+def _quiet_fastcache() -> Iterator[None]:
+    """Keep fastcache's one-time warnings (e.g. few steps) out of the timed direct U-Net calls."""
+    logger = logging.getLogger("fastcache")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def time_steps(method: Method, pipe: Any, inputs: UNetInputs, device: torch.device, calls: int) -> StepTimes:
+    """Time `calls` direct U-Net calls, one per step, and group them by what each call ran.
+
+    Calls walk the scheduler's timesteps from the first, as a denoising loop does, and start a new
+    pass (fastcache re-armed; DeepCache back at its first step) when they run out.
+    """
+    samples: dict[str, list[float]] = {FULL: [], REFRESH: [], CACHED: []}
+    pattern = []
+    steps_per_loop = len(inputs.timesteps)
+    with torch.no_grad(), _quiet_fastcache():
+        for call in range(calls):
+            index = call % steps_per_loop
+            if index == 0:  # each pass over the timesteps starts like a denoising loop
+                method.begin_direct_calls()
+            seconds, _ = timed(lambda: inputs.call(pipe.unet, index), device)
+            kind = method.last_call_kind()
+            samples[kind].append(seconds)
+            pattern.append(kind)
+    stats = {kind: TimingStats.of(values) if values else None for kind, values in samples.items()}
+    note = None if method.config is not None else "no caching: every call runs the whole U-Net"
+    return StepTimes(stats[FULL], stats[REFRESH], stats[CACHED], pattern, note)
+
+
+def quality(actual: Outputs, reference: Outputs) -> Quality:
+    return Quality(
+        psnr=metrics.batch_mean(metrics.psnr, actual.images, reference.images),
+        ssim=metrics.batch_mean(metrics.ssim, actual.images, reference.images),
+        latent_rel_l2=metrics.relative_l2(actual.latents, reference.latents),
+    )
+
+
+def measure_method(
+    method: Method, pipe: Any, workload: Workload, settings: RunSettings, device: torch.device,
+    inputs_for_steps: Callable[[], UNetInputs],
+) -> tuple[MethodResult, Outputs]:
+    """Steps 1-4 of the module docstring for one method at one shape."""
+    pipeline_class = type(pipe)
+    counters_before = compile_counters()
+    start = time.perf_counter()
+    details = method.enable(pipe, workload.shape, workload.call_kwargs())
+    try:
+        synchronize(device)
+        setup_s = time.perf_counter() - start
+        first_s, _ = timed(workload.end_to_end, device)
+        first_image_s = setup_s + first_s
+        compile_cache = _delta(counters_before, compile_counters())
+        memory = PeakMemory(device)
+        memory.start()
+        e2e, images = repeat(workload.end_to_end, device, settings.runs)
+        denoise, latents = repeat(workload.denoise, device, settings.runs)
+        peak, peak_note = memory.read()
+        pattern = method.refresh_pattern()
+        per_interval = method.config.interval if method.config is not None else 1
+        steps = time_steps(method, pipe, inputs_for_steps(), device, settings.step_calls * per_interval)
+    finally:
+        method.disable()
+    restored = is_restored(pipe, pipeline_class)
+    if not restored:
+        raise RuntimeError(f"{method.label} did not restore the pipeline")
+    outputs = Outputs(np.asarray(images, dtype=np.float64), latents.detach().double().cpu().numpy())
+    result = MethodResult(
+        method=method.kind, config=method.config.label if method.config else None, label=method.label,
+        setup_s=setup_s, first_image_s=first_image_s, compile_cache=compile_cache, details=details,
+        end_to_end=e2e, denoise=denoise, steps=steps, peak_memory_bytes=peak, peak_memory_note=peak_note,
+        restored=restored,
+        outputs_finite=bool(np.isfinite(outputs.images).all() and np.isfinite(outputs.latents).all()),
+        refresh_pattern=pattern, load_average=load_average(),
+    )
+    return result, outputs
+
+
+def _closeness(dc_eager: Quality, fc_eager: Quality, fc_dc: Quality) -> float:
+    nearest_to_eager = min(dc_eager.latent_rel_l2, fc_eager.latent_rel_l2)
+    if fc_dc.latent_rel_l2 == 0.0:
+        return math.inf
+    return nearest_to_eager / fc_dc.latent_rel_l2
+
+
+def measure_shape(
+    pipe: Any, shape: Shape, methods: list[Method], settings: RunSettings, device: torch.device,
+    samples: dict[str, np.ndarray] | None = None,
+) -> ShapeResult:
+    """All methods at one shape; fills `samples` (label -> first image) when given."""
+    workload = Workload(pipe, shape, settings.steps, settings.prompt, settings.seed, settings.guidance_scale)
+    workload.prepare()
+    unet_inputs: list[UNetInputs] = []
+
+    def inputs_for_steps() -> UNetInputs:
+        # Captured once per shape, from the plain pipeline (the first method), then reused.
+        if not unet_inputs:
+            unet_inputs.append(workload.capture_unet_inputs())
+        return unet_inputs[0]
+
+    result = ShapeResult(shape.width, shape.height, shape.batch, unet_batch=0)
+    outputs: dict[str, Outputs] = {}
+    for method in methods:
+        log(f"{shape.label}: {method.label}")
+        measured, out = measure_method(method, pipe, workload, settings, device, inputs_for_steps)
+        result.methods.append(measured)
+        outputs[measured.label] = out
+        if samples is not None:
+            samples.setdefault(measured.label, out.images[0])
+        log(f"{shape.label}: {method.label}: end-to-end median {measured.end_to_end.median:.4f} s, "
+            f"denoise median {measured.denoise.median:.4f} s, first image {measured.first_image_s:.1f} s")
+    result.unet_batch = int(unet_inputs[0].args[0].shape[0]) if unet_inputs else 0
+    reference = outputs["eager"]
+    eager = result.get("eager")
+    for measured in result.methods:
+        measured.quality_vs_eager = quality(outputs[measured.label], reference)
+        measured.speedup_end_to_end = eager.end_to_end.median / measured.end_to_end.median
+        measured.speedup_denoise = eager.denoise.median / measured.denoise.median
+    configs = [m.config for m in result.methods if m.method == "fastcache"]
+    for config in configs:
+        dc, fc = result.get(f"deepcache {config}"), result.get(f"fastcache {config}")
+        fc_dc = quality(outputs[fc.label], outputs[dc.label])
+        assert dc.quality_vs_eager is not None and fc.quality_vs_eager is not None
+        result.agreements.append(Agreement(
+            config=str(config), fastcache_vs_deepcache=fc_dc, deepcache_vs_eager=dc.quality_vs_eager,
+            fastcache_vs_eager=fc.quality_vs_eager,
+            closeness_ratio=_closeness(dc.quality_vs_eager, fc.quality_vs_eager, fc_dc),
+            speedup_end_to_end=dc.end_to_end.median / fc.end_to_end.median,
+            speedup_denoise=dc.denoise.median / fc.denoise.median,
+        ))
+    return result
+
+
+def parse_configs(text: str) -> list[CacheConfig]:
+    configs = [CacheConfig.parse(part) for part in text.split(",") if part.strip()]
+    if len({c.label for c in configs}) != len(configs):
+        raise ValueError(f"duplicate configs in {text!r}")
+    return configs

@@ -1,0 +1,259 @@
+"""The benchmark package: metric code against hand-computed values, and a smoke run of the command.
+
+No test here asserts a timing: timings are only checked to be measured (finite, positive).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench import configs, metrics
+from bench.methods import CacheConfig
+from bench.results import to_jsonable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C1, C2 = (0.01 * 1.0) ** 2, (0.03 * 1.0) ** 2
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def test_psnr_of_a_constant_offset_is_exact():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 128, size=(16, 16, 3)) / 256.0  # exact binary fractions
+    b = a + 0.25  # every pixel off by exactly 0.25: MSE = 1/16
+    assert metrics.psnr(a, b) == pytest.approx(10 * math.log10(16.0), abs=1e-12)
+    assert metrics.psnr(b, a) == metrics.psnr(a, b)
+
+
+def test_psnr_respects_data_range():
+    a = np.zeros((8, 8))
+    assert metrics.psnr(a, a + 2.0, data_range=4.0) == pytest.approx(10 * math.log10(16 / 4), abs=1e-12)
+
+
+def test_identical_images_psnr_inf_ssim_one_and_latents_zero():
+    rng = np.random.default_rng(1)
+    image = rng.random((32, 24, 3))
+    assert metrics.psnr(image, image) == math.inf
+    assert metrics.ssim(image, image) == pytest.approx(1.0, abs=1e-12)
+    latents = rng.standard_normal((2, 4, 8, 8))
+    assert metrics.relative_l2(latents, latents.copy()) == 0.0
+
+
+def test_relative_l2_known_value():
+    reference = np.ones((2, 4, 3, 3))
+    assert metrics.relative_l2(1.5 * reference, reference) == pytest.approx(0.5, abs=1e-15)
+    assert metrics.relative_l2(np.array([3.0, 4.0]), np.array([0.0, 0.0])) == math.inf
+
+
+def test_gaussian_window_is_the_standard_one():
+    taps = metrics.gaussian_window()
+    assert taps.shape == (11,) and taps.sum() == pytest.approx(1.0, abs=1e-15)
+    assert np.allclose(taps, taps[::-1])
+    x = np.arange(11) - 5.0
+    expected = np.exp(-(x**2) / (2 * 1.5**2))
+    assert np.allclose(taps, expected / expected.sum(), atol=0, rtol=1e-14)
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    # Constant images: zero variances and covariance, so SSIM = (2 m1 m2 + C1) / (m1^2 + m2^2 + C1).
+    m1, m2 = 0.2, 0.6
+    a, b = np.full((20, 20), m1), np.full((20, 20), m2)
+    expected = (2 * m1 * m2 + C1) / (m1**2 + m2**2 + C1)
+    assert metrics.ssim(a, b) == pytest.approx(expected, abs=1e-9)
+    colour_a, colour_b = np.full((16, 16, 3), m1), np.full((16, 16, 3), m2)
+    assert metrics.ssim(colour_a, colour_b) == pytest.approx(expected, abs=1e-9)
+
+
+def _ssim_one_window(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of one 11x11 window, written out from the paper's definitions (weighted statistics)."""
+    i, j = np.meshgrid(np.arange(11) - 5.0, np.arange(11) - 5.0, indexing="ij")
+    w = np.exp(-(i**2 + j**2) / (2 * 1.5**2))
+    w /= w.sum()
+    mx, my = (w * x).sum(), (w * y).sum()
+    vx, vy = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum()
+    cxy = (w * (x - mx) * (y - my)).sum()
+    return ((2 * mx * my + C1) * (2 * cxy + C2)) / ((mx**2 + my**2 + C1) * (vx + vy + C2))
+
+
+def test_ssim_single_window_matches_the_definition():
+    rng = np.random.default_rng(2)
+    x = rng.random((11, 11))
+    y = np.clip(x + 0.1 * rng.standard_normal((11, 11)), 0, 1)
+    assert metrics.ssim(x, y) == pytest.approx(_ssim_one_window(x, y), abs=1e-12)
+
+
+def test_ssim_is_the_mean_over_valid_windows_and_channels():
+    rng = np.random.default_rng(3)
+    x = rng.random((14, 13, 3))
+    y = np.clip(0.8 * x + 0.1 + 0.05 * rng.standard_normal(x.shape), 0, 1)
+    per_channel = []
+    for c in range(3):
+        windows = [
+            _ssim_one_window(x[r:r + 11, s:s + 11, c], y[r:r + 11, s:s + 11, c])
+            for r in range(14 - 10) for s in range(13 - 10)
+        ]
+        per_channel.append(np.mean(windows))
+    assert metrics.ssim(x, y) == pytest.approx(np.mean(per_channel), abs=1e-12)
+    assert metrics.ssim(x, y) < 1.0
+
+
+def test_ssim_rejects_images_smaller_than_the_window():
+    with pytest.raises(ValueError):
+        metrics.ssim(np.zeros((10, 30)), np.zeros((10, 30)))
+
+
+def test_batch_mean_averages_per_image():
+    a = np.zeros((2, 12, 12, 3))
+    b = a.copy()
+    b[0] += 0.25
+    b[1] += 0.5
+    expected = (10 * math.log10(16) + 10 * math.log10(4)) / 2
+    assert metrics.batch_mean(metrics.psnr, b, a) == pytest.approx(expected, abs=1e-12)
+
+
+# -- small pieces ----------------------------------------------------------------------------------
+def test_config_labels_round_trip():
+    assert CacheConfig.parse("I3B0") == CacheConfig(3, 0)
+    assert CacheConfig.parse("i5b11").label == "I5B11"
+    with pytest.raises(ValueError):
+        CacheConfig.parse("I0B0")
+    with pytest.raises(ValueError):
+        CacheConfig.parse("3,0")
+
+
+def test_non_finite_floats_are_written_as_strings():
+    data = to_jsonable({"psnr": math.inf, "x": [1.0, float("nan")]})
+    assert json.loads(json.dumps(data, allow_nan=False)) == {"psnr": "inf", "x": [1.0, "nan"]}
+
+
+def test_cpu_small_keeps_the_sd15_block_structure():
+    small, sd15 = configs.unet_config("cpu-small"), configs.unet_config("sd15")
+    for key in ("down_block_types", "up_block_types", "layers_per_block"):
+        assert small[key] == sd15[key]
+    assert len(small["block_out_channels"]) == 4
+    assert all(s < b for s, b in zip(small["block_out_channels"], sd15["block_out_channels"]))
+    assert configs.text_encoder_configs("cpu-small")[0]["hidden_size"] == small["cross_attention_dim"]
+
+
+# -- smoke run -------------------------------------------------------------------------------------
+METHODS = ("eager", "compile", "deepcache", "fastcache")
+SMOKE_CONFIGS = ("I2B0", "I2B1")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """`python -m bench run` on the tiny preset: 2 steps, 1 run, dynamo's eager backend, no restart."""
+    out = tmp_path_factory.mktemp("bench-out")
+    command = [
+        sys.executable, "-m", "bench", "run", "--preset", "tiny", "--steps", "2", "--runs", "1",
+        "--configs", ",".join(SMOKE_CONFIGS), "--compile-backend", "eager", "--restart", "none", "--out", str(out),
+    ]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return out, completed.stdout
+
+
+def test_smoke_run_writes_json_with_every_method_and_config(smoke_run):
+    out, _ = smoke_run
+    (json_name,) = [n for n in os.listdir(out) if n.startswith("tiny-") and n.endswith(".json")]
+    with open(out / json_name) as handle:
+        result = json.load(handle)
+    meta = result["meta"]
+    assert "--preset tiny" in meta["command"]
+    for key in ("torch", "diffusers", "fastcache", "DeepCache"):
+        assert meta["environment"]["versions"][key]
+    assert meta["environment"]["cpu_model"] and meta["environment"]["python"]
+    assert meta["settings"]["configs"] == list(SMOKE_CONFIGS)
+    (shape,) = result["shapes"]
+    labels = [m["label"] for m in shape["methods"]]
+    assert labels == ["eager", "compile"] + [f"{k} {c}" for c in SMOKE_CONFIGS for k in ("deepcache", "fastcache")]
+    assert {m["method"] for m in shape["methods"]} == set(METHODS)
+    for m in shape["methods"]:
+        assert m["restored"] is True and m["outputs_finite"] is True
+        for mode in ("end_to_end", "denoise"):
+            assert _finite(m[mode]["median"]) and m[mode]["median"] > 0
+            assert m[mode]["min"] <= m[mode]["median"] <= m[mode]["max"]
+            assert len(m[mode]["runs"]) == 1
+        assert _finite(m["speedup_end_to_end"]) and _finite(m["speedup_denoise"])
+        assert _finite(m["first_image_s"]) and m["first_image_s"] >= m["setup_s"] >= 0
+        assert m["peak_memory_bytes"] is None and "CPU" in m["peak_memory_note"]  # CPU run: null with reason
+        quality = m["quality_vs_eager"]
+        assert _finite(quality["ssim"]) and -1 <= quality["ssim"] <= 1
+        assert _finite(quality["latent_rel_l2"]) and quality["latent_rel_l2"] >= 0
+        assert _finite(quality["psnr"]) or quality["psnr"] == "inf"
+        steps = m["steps"]
+        if m["method"] in ("eager", "compile"):
+            assert _finite(steps["full"]["median"]) and steps["refresh"] is None
+        else:
+            assert _finite(steps["refresh"]["median"]) and _finite(steps["cached"]["median"])
+    eager = shape["methods"][0]
+    assert eager["quality_vs_eager"] == {"psnr": "inf", "ssim": 1.0, "latent_rel_l2": 0}
+    for config in SMOKE_CONFIGS:
+        fastcache = next(m for m in shape["methods"] if m["label"] == f"fastcache {config}")
+        assert fastcache["refresh_pattern"] == [True, False]  # interval 2, 2 steps: one cached step
+        assert fastcache["details"]["warmup"]["compilations"] == 2
+    agreements = {a["config"]: a for a in shape["agreements"]}
+    assert set(agreements) == set(SMOKE_CONFIGS)
+    for a in agreements.values():
+        assert _finite(a["speedup_end_to_end"]) and _finite(a["speedup_denoise"])
+        # The cached step moves both away from eager; they agree with each other far more closely.
+        assert a["deepcache_vs_eager"]["latent_rel_l2"] > 0
+        assert a["fastcache_vs_deepcache"]["latent_rel_l2"] <= 0.01 * a["deepcache_vs_eager"]["latent_rel_l2"]
+    assert result["restarts"] == []
+
+
+def test_smoke_run_writes_markdown_plot_and_samples(smoke_run):
+    out, stdout = smoke_run
+    names = os.listdir(out)
+    (markdown_name,) = [n for n in names if n.startswith("tiny-") and n.endswith(".md")]
+    with open(out / markdown_name) as handle:
+        text = handle.read()
+    with open(out / "latest-tiny.md") as handle:
+        assert handle.read() == text
+    header = "| resolution, batch | eager | compile | deepcache I2B0 | fastcache I2B0 | fastcache / DeepCache I2B0 |"
+    assert header in text and header in stdout  # the printed table is the file's
+    headings = ("end to end", "denoising loop only", "Warm-up", "process restart", "step times", "Peak device memory",
+                "Quality against eager", "DeepCache and fastcache at the same config")
+    for heading in headings:
+        assert heading in text
+    assert "| 128x128 b1 |" in text
+    (plot_name,) = [n for n in names if n.startswith("tiny-") and n.endswith(".png")]
+    with Image.open(out / plot_name) as plot:
+        assert plot.format == "PNG" and min(plot.size) > 200
+    assert f"]({plot_name})" in text
+    (samples,) = [n for n in names if n.endswith("-samples")]
+    expected = {"eager.png", "compile.png"}
+    expected |= {f"{k}-{c}.png" for c in SMOKE_CONFIGS for k in ("deepcache", "fastcache")}
+    assert set(os.listdir(out / samples)) == expected
+    with Image.open(out / samples / "eager.png") as sample:
+        assert sample.size == (128, 128)
+
+
+def test_smoke_run_on_the_sdxl_code_path(tmp_path):
+    """tiny-sdxl: two text encoders, pooled embeddings and text_time conditions through every method."""
+    command = [
+        sys.executable, "-m", "bench", "run", "--preset", "tiny-sdxl", "--steps", "2", "--runs", "1",
+        "--configs", "I2B0", "--compile-backend", "eager", "--restart", "none", "--out", str(tmp_path),
+    ]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with open(tmp_path / "latest-tiny-sdxl.json") as handle:
+        result = json.load(handle)
+    assert result["meta"]["pipeline"]["class"] == "StableDiffusionXLPipeline"
+    (shape,) = result["shapes"]
+    assert [m["label"] for m in shape["methods"]] == ["eager", "compile", "deepcache I2B0", "fastcache I2B0"]
+    assert all(m["restored"] and m["outputs_finite"] for m in shape["methods"])
+    (agreement,) = shape["agreements"]
+    deepcache_error = agreement["deepcache_vs_eager"]["latent_rel_l2"]
+    assert agreement["fastcache_vs_deepcache"]["latent_rel_l2"] <= 0.01 * deepcache_error
