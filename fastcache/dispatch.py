@@ -13,6 +13,10 @@ Rules:
   ``state_in_first_order`` flag, and both evaluations of a step take the same decision: a refresh
   step runs the full graph for its first evaluation and for its correction. (DeepCache maps the
   timestep to a step with ``timesteps.index(t)``, which is wrong there: Heun repeats timesteps.)
+* PNDM in PLMS mode (SD 1.x's default) evaluates its second timestep twice (21 calls for 20
+  steps). The repeated call takes the decision of the call before it and step numbers go on by
+  call, which is exactly what DeepCache's ``timesteps.index(t)`` gives there (steps 0,1,1,3,4,...),
+  so SD 1.x's default scheduler gives DeepCache's images at every interval.
 * A cached call is only allowed at the shape of the last refresh; any other shape refreshes.
 """
 
@@ -49,6 +53,21 @@ def is_second_evaluation(scheduler: Any) -> bool:
     return getattr(scheduler, "state_in_first_order", True) is False
 
 
+def repeats_timestep(scheduler: Any) -> bool:
+    """True when the next call re-evaluates the previous call's timestep (PNDM's PLMS warm-up).
+
+    PNDM with ``skip_prk_steps`` has timesteps ``[t0, t1, t1, t2, ...]``: its second call corrects
+    the first step, its third starts again from ``t1``. That third call is the only one made with
+    ``counter == 2`` while a single model output is stored in ``ets``.
+    """
+    config = getattr(scheduler, "config", None)
+    return (
+        getattr(config, "skip_prk_steps", False) is True
+        and getattr(scheduler, "counter", None) == 2
+        and len(getattr(scheduler, "ets", ())) == 1
+    )
+
+
 class StepDispatcher:
     """Turns the sequence of U-Net calls of each pipeline call into refresh/cached decisions."""
 
@@ -77,7 +96,8 @@ class StepDispatcher:
             if self.step == 0:
                 self._num_steps = steps_in_call(scheduler)
                 self._warn_if_few_steps(schedule)
-            self._step_refreshes = self.step == 0 or schedule.is_refresh(self.step, self._num_steps)
+            if not repeats_timestep(scheduler):
+                self._step_refreshes = self.step == 0 or schedule.is_refresh(self.step, self._num_steps)
         refresh = self._step_refreshes or shape_key != self._refreshed_key
         if refresh:
             self._refreshed_key = shape_key

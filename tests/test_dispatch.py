@@ -96,3 +96,16 @@ def test_few_steps_warn_once(caplog):
         decisions(quiet, SimpleNamespace(num_inference_steps=4), 4)
         decisions(StepDispatcher(UniformSchedule(3)), SimpleNamespace(num_inference_steps=25), 3)
     assert caplog.text == ""
+
+
+def test_pndm_repeated_first_timestep_shares_the_decision_and_numbering_goes_on():
+    scheduler = SimpleNamespace(num_inference_steps=6, config=SimpleNamespace(skip_prk_steps=True), counter=0, ets=[])
+
+    def pndm_step():  # diffusers' step_plms: the second call (counter 1) stores no model output
+        if scheduler.counter != 1:
+            scheduler.ets.append("output")
+        scheduler.counter += 1
+
+    dispatcher = StepDispatcher(UniformSchedule(2))
+    # DeepCache's numbering for these 7 calls: 0, 1, 1, 3, 4, 5, 6
+    assert decisions(dispatcher, scheduler, 7, after_call=pndm_step) == "RcccRcR"

@@ -1,10 +1,9 @@
-"""Every scheduler the issue lists: caching off equals plain; caching on equals DeepCache's mechanism.
+"""Every scheduler the issue lists: caching off equals plain; caching on equals DeepCache.
 
-The reference is DeepCache's helper (its module wrapping, unchanged) told the step of each U-Net
-call as the user counts steps: one per call for first-order schedulers; for Heun, DPM2 and DPM++
-SDE the scheduler's ``state_in_first_order`` says a call is a step's correction. Where DeepCache's
-own ``timesteps.index(t)`` gives those same steps (first-order schedulers without repeated
-timesteps), the unmodified DeepCache package is checked too.
+First-order schedulers: the unmodified DeepCache 0.1.1 helper is the reference. Second-order ones
+(Heun, DPM2, DPM++ SDE) are where DeepCache's ``timesteps.index(t)`` step lookup is wrong; there the
+reference is DeepCache's helper (its module wrapping, unchanged) told the step of each U-Net call
+as the user counts steps: the scheduler's ``state_in_first_order`` marks a step's correction.
 """
 
 from __future__ import annotations
@@ -68,11 +67,29 @@ def test_caching_off_equals_plain(scheduled_pipe):
 
 @pytest.mark.parametrize("branch", [0, 5])
 def test_cached_run_equals_deepcache(scheduled_pipe, branch):
-    expected, steps = _reference(scheduled_pipe, branch)
+    second_order = hasattr(scheduled_pipe.scheduler, "state_in_first_order")
+    if second_order:
+        expected, steps = _reference(scheduled_pipe, branch)
+    else:  # DeepCache's own timesteps.index(t) numbering is the reference (PNDM repeats one)
+        expected = deepcache_latents(scheduled_pipe, INTERVAL, branch, steps=STEPS)
     with accelerated(scheduled_pipe, cache_interval=INTERVAL, cache_branch_id=branch, compile=False) as handle:
         actual = latents(scheduled_pipe, steps=STEPS)
-    assert handle.stats.last_call == [step % INTERVAL == 0 for step in steps]
+    if second_order:
+        assert handle.stats.last_call == [step % INTERVAL == 0 for step in steps]
     assert max_diff(actual, expected) <= 1e-5
-    timesteps = [float(t) for t in scheduled_pipe.scheduler.timesteps]
-    if steps == list(range(len(steps))) and len(set(timesteps)) == len(timesteps):
-        assert max_diff(actual, deepcache_latents(scheduled_pipe, INTERVAL, branch, steps=STEPS)) <= 1e-5
+
+
+@pytest.mark.parametrize("interval", [2, 3, 4, 5])
+def test_pndm_as_sd15_ships_it_equals_deepcache_at_every_interval(sd_pipe, interval):
+    """PNDM/PLMS calls the U-Net 21 times for 20 steps; DeepCache numbers them 0,1,1,3,4,..."""
+    original = sd_pipe.scheduler
+    sd_pipe.scheduler = diffusers.PNDMScheduler.from_config(original.config, skip_prk_steps=True)
+    try:
+        expected = deepcache_latents(sd_pipe, interval, 0, steps=20)
+        with accelerated(sd_pipe, cache_interval=interval, compile=False) as handle:
+            actual = latents(sd_pipe, steps=20)
+        deepcache_steps = [0, 1, 1] + list(range(3, 21))
+        assert handle.stats.last_call == [step % interval == 0 for step in deepcache_steps]
+        assert max_diff(actual, expected) <= 1e-5
+    finally:
+        sd_pipe.scheduler = original
