@@ -207,8 +207,7 @@ class CompiledFunctions:
     def _dynamo_policy(self, known: bool) -> Iterator[None]:
         import torch._dynamo
 
-        limits = dict(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
-        with torch._dynamo.config.patch(**limits):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
             if known and self.strict:
                 with torch.compiler.set_stance("fail_on_recompile"):
                     yield
