@@ -17,6 +17,15 @@ from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
 from .helpers import assert_untouched  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "covers(feature=None, check=None, *, xfail=None, cuda_only=False): the README support-table"
+        " cell(s) this test checks; a test covers every feature x every check its marks name"
+        " (tools/support_table.py renders them)",
+    )
+
+
 @pytest.fixture(scope="session")
 def sd_pipe():
     return tiny_sd_pipeline()
@@ -27,7 +36,8 @@ def sdxl_pipe():
     return tiny_sdxl_pipeline()
 
 
-@pytest.fixture(params=["sd", "sdxl"])
+@pytest.fixture(params=[pytest.param("sd", marks=pytest.mark.covers("StableDiffusionPipeline")),
+                        pytest.param("sdxl", marks=pytest.mark.covers("StableDiffusionXLPipeline"))])
 def any_pipe(request, sd_pipe, sdxl_pipe):
     """Each test using it runs on the tiny SD and the tiny SDXL pipeline."""
     return sd_pipe if request.param == "sd" else sdxl_pipe

@@ -11,6 +11,7 @@ from fastcache.errors import AlreadyAcceleratedError, InvalidConfigError
 from .helpers import assert_untouched, deepcache_latents, latents, max_diff
 
 
+@pytest.mark.covers("fastcache.DeepCacheSDHelper (drop-in)", "= DeepCache")
 @pytest.mark.parametrize("interval, branch", [(2, 0), (3, 1), (5, 5), (3, 8)])
 def test_same_latents_as_deepcache(any_pipe, interval, branch):
     expected = deepcache_latents(any_pipe, interval, branch)
@@ -25,6 +26,7 @@ def test_same_latents_as_deepcache(any_pipe, interval, branch):
     assert_untouched(any_pipe)
 
 
+@pytest.mark.covers("fastcache.DeepCacheSDHelper (drop-in)", "caching off = plain")
 def test_defaults_are_deepcache_defaults_caching_off(sd_pipe):
     """DeepCache's set_params defaults to cache_interval=1: the output equals the plain pipeline."""
     expected = latents(sd_pipe)

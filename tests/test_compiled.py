@@ -30,6 +30,7 @@ def _dynamo_graph_count() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.covers(check="compiled (dynamo, no graph breaks)")
 def test_inductor_matches_deepcache(any_pipe):
     expected = deepcache_latents(any_pipe, 3, 0)
     with accelerated(any_pipe, cache_interval=3, cache_branch_id=0) as handle:
@@ -38,6 +39,7 @@ def test_inductor_matches_deepcache(any_pipe):
     assert_close_relative(actual, expected, COMPILED_RTOL)
 
 
+@pytest.mark.covers(check="compiled (dynamo, no graph breaks)")
 def test_inductor_caching_off_equals_plain(any_pipe):
     expected = latents(any_pipe)
     with accelerated(any_pipe, cache_interval=1) as handle:
@@ -46,6 +48,7 @@ def test_inductor_caching_off_equals_plain(any_pipe):
     assert_close_relative(actual, expected, 1e-4)
 
 
+@pytest.mark.covers("StableDiffusionPipeline", "compiled (dynamo, no graph breaks)")
 def test_no_compilation_after_warmup(sd_pipe):
     with accelerated(sd_pipe, cache_interval=3) as handle:
         report = handle.warmup(height=128, width=128, batch_size=1)
@@ -82,6 +85,7 @@ def test_strict_serving_refuses_unwarmed_shapes(sd_pipe):
         assert handle.enabled
 
 
+@pytest.mark.covers(check="compiled (dynamo, no graph breaks)")
 @torch.no_grad()
 @torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)  # one code object, a guard set per branch
 def test_every_branch_traces_as_one_graph(any_pipe):
@@ -109,6 +113,7 @@ def test_every_branch_traces_as_one_graph(any_pipe):
                         split.shallow(sample * 0.9, moved, context, added, kept)) == 0, f"branch {branch}"
 
 
+@pytest.mark.covers("fastcache.DeepCacheSDHelper (drop-in)", "compiled (dynamo, no graph breaks)")
 def test_deepcache_compat_helper_compiled(sd_pipe):
     """The drop-in helper with its defaults (compiled) against the package it replaces."""
     expected = deepcache_latents(sd_pipe, 3, 0)

@@ -25,7 +25,11 @@ def _control_image(seed: int = 0) -> torch.Tensor:
     return torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl", "sd-multi"])
+@pytest.fixture(scope="module", params=[
+    pytest.param("sd", marks=pytest.mark.covers("StableDiffusionControlNetPipeline")),
+    pytest.param("sdxl", marks=pytest.mark.covers("StableDiffusionXLControlNetPipeline")),
+    pytest.param("sd-multi", marks=pytest.mark.covers("StableDiffusionControlNetPipeline (multi-ControlNet)")),
+])
 def controlnet_pipe(request):
     from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -48,6 +52,7 @@ def test_controlnet_matters(controlnet_pipe):
     assert max_diff(with_control, without) > 0.1
 
 
+@pytest.mark.covers(check="= DeepCache")
 def test_every_branch_matches_deepcache(controlnet_pipe):
     call = controlnet_pipe.control_kwargs
     for branch in range(unet_layout(controlnet_pipe.unet).num_branches):
@@ -57,6 +62,7 @@ def test_every_branch_matches_deepcache(controlnet_pipe):
         assert max_diff(actual, expected) <= TOLERANCE, f"branch {branch}"
 
 
+@pytest.mark.covers(check="caching off = plain")
 def test_caching_off_equals_plain(controlnet_pipe):
     call = controlnet_pipe.control_kwargs
     expected = latents(controlnet_pipe, **call)
@@ -64,6 +70,8 @@ def test_caching_off_equals_plain(controlnet_pipe):
         assert max_diff(latents(controlnet_pipe, **call), expected) <= 1e-6
 
 
+@pytest.mark.covers(check="emulated CUDA Graphs")
+@pytest.mark.covers(check="compiled (dynamo, no graph breaks)")
 def test_residuals_through_graphs_and_dynamo(controlnet_pipe):
     """Residuals are static graph inputs (emulated replay) and trace without graph breaks."""
     call = controlnet_pipe.control_kwargs

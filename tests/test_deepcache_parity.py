@@ -26,6 +26,7 @@ from .helpers import (
 EAGER_TOLERANCE = 1e-5
 
 
+@pytest.mark.covers(check="= DeepCache")
 @pytest.mark.parametrize("interval", [2, 3, 5])
 def test_every_branch_matches_deepcache(any_pipe, interval):
     for branch in range(unet_layout(any_pipe.unet).num_branches):
@@ -36,6 +37,7 @@ def test_every_branch_matches_deepcache(any_pipe, interval):
         assert handle.stats.last_call == [step % interval == 0 for step in range(10)]
 
 
+@pytest.mark.covers(check="caching off = plain")
 def test_caching_off_equals_the_plain_pipeline(any_pipe):
     expected = latents(any_pipe)
     with accelerated(any_pipe, cache_interval=1, compile=False) as handle:
@@ -64,6 +66,7 @@ def test_disable_restores_bit_identical_output(any_pipe):
     assert torch.equal(latents(any_pipe, seed=3), before)
 
 
+@pytest.mark.covers('schedule="quadratic" (DeepCache\'s step list)', "= DeepCache")
 def test_quadratic_schedule_matches_deepcache_mechanism(sd_pipe):
     """Non-uniform: DeepCache's helper only does uniform, so its wrapping runs with the quadratic steps."""
     steps = 20
@@ -76,6 +79,7 @@ def test_quadratic_schedule_matches_deepcache_mechanism(sd_pipe):
     assert max_diff(actual, expected) <= EAGER_TOLERANCE
 
 
+@pytest.mark.covers("schedule=[refresh steps]", "= DeepCache")
 def test_explicit_schedule_matches_deepcache_mechanism(sdxl_pipe):
     refresh_steps = {0, 1, 5, 6}
     helper = deepcache_helper_with_schedule(lambda step: step in refresh_steps)
@@ -85,6 +89,7 @@ def test_explicit_schedule_matches_deepcache_mechanism(sdxl_pipe):
     assert max_diff(actual, expected) <= EAGER_TOLERANCE
 
 
+@pytest.mark.covers("HeunDiscreteScheduler", "= DeepCache")
 def test_heun_counts_steps_not_unet_calls(sd_pipe):
     """Heun calls the U-Net twice per step; both evaluations of a refresh step run the full U-Net.
 

@@ -16,6 +16,7 @@ from fastcache.tiny import tiny_sd_pipeline
 from .helpers import accelerated, assert_close_relative, deepcache_latents, latents, max_diff
 
 
+@pytest.mark.covers(check="emulated CUDA Graphs")
 def test_emulated_graphs_equal_the_eager_split(any_pipe):
     for branch in (0, 4):
         with accelerated(any_pipe, cache_interval=3, cache_branch_id=branch, compile=False) as handle:
@@ -50,7 +51,9 @@ def test_outputs_belong_to_the_caller(sd_pipe):
         assert torch.equal(first, kept_copy), "a later replay overwrote an output the caller holds"
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "inductor"])
+@pytest.mark.covers("StableDiffusionPipeline", "emulated CUDA Graphs")
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.covers(check="compiled (dynamo, no graph breaks)"))],
+                         ids=["eager", "inductor"])
 def test_emulated_graphs_match_deepcache(sd_pipe, compile):
     expected = deepcache_latents(sd_pipe, 3, 0)
     with accelerated(sd_pipe, cache_interval=3, compile=compile, emulate_graphs=True):
@@ -68,6 +71,7 @@ def cuda_pipe():
 
 
 @cuda
+@pytest.mark.covers("StableDiffusionPipeline", "CUDA Graphs", cuda_only=True)
 def test_cuda_graph_replay_equals_the_compiled_path(cuda_pipe):
     with accelerated(cuda_pipe, cache_interval=3, cuda_graphs=False):
         expected = latents(cuda_pipe)
@@ -79,6 +83,7 @@ def test_cuda_graph_replay_equals_the_compiled_path(cuda_pipe):
 
 
 @cuda
+@pytest.mark.covers("StableDiffusionPipeline", "CUDA Graphs", cuda_only=True)
 def test_cuda_graph_matches_deepcache(cuda_pipe):
     expected = deepcache_latents(cuda_pipe, 3, 0)
     with accelerated(cuda_pipe, cache_interval=3) as handle:
@@ -88,6 +93,7 @@ def test_cuda_graph_matches_deepcache(cuda_pipe):
 
 
 @cuda
+@pytest.mark.covers("StableDiffusionPipeline", "CUDA Graphs", cuda_only=True)
 @torch.no_grad()
 def test_cuda_graph_replays_allocate_no_new_memory(cuda_pipe):
     with accelerated(cuda_pipe, cache_interval=2) as handle:

@@ -34,7 +34,13 @@ SCHEDULERS = {
 }
 
 
-@pytest.fixture(params=sorted(SCHEDULERS))
+def _row(name: str) -> str:
+    """The support-table row of a SCHEDULERS entry: its class, and Karras sigmas where used."""
+    cls, options = SCHEDULERS[name]
+    return cls + (" (Karras sigmas)" if options.get("use_karras_sigmas") else "")
+
+
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.covers(_row(name))) for name in sorted(SCHEDULERS)])
 def scheduled_pipe(request, sd_pipe):
     name, options = SCHEDULERS[request.param]
     original = sd_pipe.scheduler
@@ -59,12 +65,14 @@ def _reference(pipe, branch):
         hook.remove()
 
 
+@pytest.mark.covers(check="caching off = plain")
 def test_caching_off_equals_plain(scheduled_pipe):
     expected = latents(scheduled_pipe, steps=STEPS)
     with accelerated(scheduled_pipe, cache_interval=1, compile=False):
         assert max_diff(latents(scheduled_pipe, steps=STEPS), expected) <= 1e-6
 
 
+@pytest.mark.covers(check="= DeepCache")
 @pytest.mark.parametrize("branch", [0, 5])
 def test_cached_run_equals_deepcache(scheduled_pipe, branch):
     second_order = hasattr(scheduled_pipe.scheduler, "state_in_first_order")
@@ -79,6 +87,7 @@ def test_cached_run_equals_deepcache(scheduled_pipe, branch):
     assert max_diff(actual, expected) <= 1e-5
 
 
+@pytest.mark.covers("PNDMScheduler", "= DeepCache")
 @pytest.mark.parametrize("interval", [2, 3, 4, 5])
 def test_pndm_as_sd15_ships_it_equals_deepcache_at_every_interval(sd_pipe, interval):
     """PNDM/PLMS calls the U-Net 21 times for 20 steps; DeepCache numbers them 0,1,1,3,4,..."""
