@@ -32,13 +32,15 @@ from .errors import (
     UnsupportedPipelineError,
 )
 from .graphs import GraphRunner
+from .lora import LoraScales, model_fingerprint
 from .runtime import CompiledFunctions, CompiledRunner, EagerRunner, Runner, StepInputs, describe_key
 from .schedule import ExplicitSchedule, UniformSchedule
 from .unet_split import UNetSplit
 
 logger = logging.getLogger("fastcache")
 
-_SDXL_ADDED_CONDITIONS = frozenset({"text_embeds", "time_ids"})
+# added_cond_kwargs a split understands: SDXL's conditions and IP-Adapter's image embeddings.
+_ADDED_COND_KWARGS = frozenset({"text_embeds", "time_ids", "image_embeds"})
 
 
 @dataclass
@@ -141,6 +143,9 @@ class FastCache:
         self._device = unet.device
         self._dispatcher = StepDispatcher(schedule)
         self._runner = _make_runner(split, config, self._device)
+        self._lora = LoraScales(unet, self._device)
+        self._fingerprint = model_fingerprint(unet)
+        self._compilations_before = 0
         self._original_class = type(pipe)
         self._previous_forward = previous_forward  # an instance attribute left by another tool, or None
         self._seen_keys: set[Hashable] = set()
@@ -158,8 +163,9 @@ class FastCache:
     # -- public ----------------------------------------------------------------------------------
     @property
     def compilations(self) -> int:
-        """Graphs compiled by this handle so far (one per function and shape)."""
-        return self._runner.compilations
+        """Graphs compiled by this handle so far (one per function and shape, counted again when
+        a model change made them be prepared anew)."""
+        return self._compilations_before + self._runner.compilations
 
     def warmup(
         self,
@@ -254,6 +260,7 @@ class FastCache:
                 "fastcache.accelerate; fastcache does not support model offload yet. Call disable() on "
                 "the fastcache handle before enabling offload."
             )
+        self._check_model()
         self._dispatcher.rearm()
         self.stats.pipeline_calls += 1
         self.stats.last_call = []
@@ -261,9 +268,36 @@ class FastCache:
     def _move_to(self, device: torch.device) -> None:
         """The pipeline was moved (``pipe.to``) after accelerate: new runner, graphs made anew."""
         logger.warning("the U-Net moved from %s to %s: fastcache prepares its graphs again there", self._device, device)
-        self._runner.release()
+        self._rebuild(device)
+
+    def _check_model(self) -> None:
+        """Prepare graphs again if the U-Net changed since they were built (see lora.py): LoRA
+        adapters loaded, fused, switched or deleted, or weights given new storage."""
+        fingerprint = model_fingerprint(self.unet)
+        if fingerprint == self._fingerprint:
+            return
+        logger.info(
+            "the U-Net's modules, adapters or weight storage changed since fastcache built its graphs "
+            "(load_lora_weights, fuse_lora, set_adapters with other adapters, ...): preparing them again"
+        )
+        self._rebuild(self._device)
+
+    def _rebuild(self, device: torch.device) -> None:
+        """A new runner (graphs compiled and captured again on first use) and LoRA scale buffer.
+
+        Shapes this handle already ran may be prepared again even in strict mode: the user changed
+        the model, so this compilation is expected rather than a serving surprise.
+        """
+        old = self._runner
+        old.release()
+        self._compilations_before += old.compilations
         self._runner = _make_runner(self.split, self.config, device)
+        self._runner.allow_new_shapes = old.allow_new_shapes  # warmup() may be under way
+        self._runner.rewarm_keys = frozenset(self._seen_keys)
         self._device = device
+        self._lora = LoraScales(self.unet, device)
+        self._fingerprint = model_fingerprint(self.unet)
+        self._dispatcher.rearm()
 
     def _unet_forward(
         self,
@@ -295,13 +329,15 @@ class FastCache:
                 ("class_labels", class_labels),
                 ("attention_mask", attention_mask),
                 ("encoder_attention_mask", encoder_attention_mask),
-                ("cross_attention_kwargs (e.g. a LoRA scale)", cross_attention_kwargs),
+                ("cross_attention_kwargs other than a LoRA `scale`", {
+                    name: value for name, value in (cross_attention_kwargs or {}).items() if name != "scale"
+                }),
             )
             if value is not None and not (isinstance(value, Mapping) and not value)
         ]
-        extra = set(added_cond_kwargs or {}) - _SDXL_ADDED_CONDITIONS
+        extra = set(added_cond_kwargs or {}) - _ADDED_COND_KWARGS
         if extra:
-            unsupported.append(f"added_cond_kwargs {sorted(extra)} (e.g. IP-Adapter image_embeds)")
+            unsupported.append(f"added_cond_kwargs {sorted(extra)} (supported: {sorted(_ADDED_COND_KWARGS)})")
         if not torch.is_tensor(encoder_hidden_states):
             unsupported.append(f"encoder_hidden_states of type {type(encoder_hidden_states).__name__}")
         if unsupported:
@@ -311,6 +347,8 @@ class FastCache:
             )
         if sample.device != self._device:
             self._move_to(sample.device)
+        if not self._in_pipeline_call:
+            self._check_model()
         if not self._in_pipeline_call and not self._warned_outside_call:
             self._warned_outside_call = True
             logger.warning(
@@ -325,7 +363,8 @@ class FastCache:
         key = inputs.key()
         self._seen_keys.add(key)
         refresh = self._dispatcher.next_call(self.pipe.scheduler, key)
-        with torch.no_grad():
+        lora_scale = float((cross_attention_kwargs or {}).get("scale", 1.0))
+        with torch.no_grad(), self._lora.applied(lora_scale):
             noise = self._run(refresh, key, inputs)
         self.stats.last_call.append(refresh)
         if refresh:

@@ -139,7 +139,7 @@ class GraphRunner(Runner):
         return captured
 
     def _check_new(self, key: Hashable, which: str) -> None:
-        if not self.allow_new_shapes:
+        if not self.may_prepare(key):
             raise not_warmed_error(key, which, [k for k, g in self._shapes.items() if g.full is not None])
 
     def _capture_full(self, key: Hashable, inputs: StepInputs) -> ShapeGraphs:

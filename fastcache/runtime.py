@@ -57,7 +57,11 @@ class StepInputs:
             timestep = timestep.to(device=sample.device, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
         else:
             timestep = torch.full((batch,), float(timestep), dtype=torch.float32, device=sample.device)
-        added = {name: value for name, value in (added_cond_kwargs or {}).items() if value is not None}
+        added = {
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in (added_cond_kwargs or {}).items()
+            if value is not None
+        }
         if timestep_cond is not None:
             added["timestep_cond"] = timestep_cond
         if down_residuals is not None:
@@ -128,6 +132,13 @@ class Runner:
 
     def __init__(self) -> None:
         self.allow_new_shapes = True
+        # Keys that may be prepared even when new shapes are not allowed: those a previous runner
+        # served before the model changed (accelerate.py's _rebuild).
+        self.rewarm_keys: frozenset[Hashable] = frozenset()
+
+    def may_prepare(self, key: Hashable) -> bool:
+        """Whether `key` may be compiled or captured now (strict serving refuses unwarmed shapes)."""
+        return self.allow_new_shapes or key in self.rewarm_keys
 
     @property
     def compilations(self) -> int:
@@ -232,7 +243,7 @@ class CompiledRunner(Runner):
         return self.compiled.count
 
     def _call(self, which: str, key: Hashable, *args: Any) -> Any:
-        return self.compiled.call(which, key, self.allow_new_shapes, *args)
+        return self.compiled.call(which, key, self.may_prepare(key), *args)
 
     def refresh(self, key: Hashable, inputs: StepInputs) -> Tensor:
         noise, self._kept = self._call("full", key, *inputs.args())

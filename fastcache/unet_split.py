@@ -27,8 +27,12 @@ from .errors import InvalidConfigError, UnsupportedPipelineError
 
 # Inputs a split understands besides sample, timestep and text embeddings, passed in one mapping:
 # SDXL's added conditions (``added_cond_kwargs``), LCM's ``timestep_cond``, and ControlNet's
-# residuals (``down_residuals``: a tuple with one tensor per skip connection, ``mid_residual``).
-ADDED_CONDITIONS = ("text_embeds", "time_ids", "timestep_cond", "down_residuals", "mid_residual")
+# residuals (``down_residuals``: a tuple with one tensor per skip connection, ``mid_residual``),
+# and IP-Adapter image embeddings (``image_embeds``: a tuple with one tensor per adapter).
+ADDED_CONDITIONS = ("text_embeds", "time_ids", "timestep_cond", "down_residuals", "mid_residual", "image_embeds")
+# The one kind of encoder_hid_proj a split supports: IP-Adapter's image projection, which turns
+# the text context into a (text, [image tokens per adapter]) tuple for the attention processors.
+IP_ADAPTER_PROJECTION = "ip_image_proj"
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,11 @@ def unet_layout(unet: Any) -> UNetLayout:
         problems.append(f"class embeddings (class_embed_type={config.class_embed_type!r})")
     if config.addition_embed_type not in (None, "text_time"):
         problems.append(f"addition_embed_type={config.addition_embed_type!r} (supported: None, 'text_time')")
-    if unet.encoder_hid_proj is not None:
-        problems.append(f"encoder_hid_proj (encoder_hid_dim_type={config.encoder_hid_dim_type!r}, e.g. IP-Adapter)")
+    if unet.encoder_hid_proj is not None and config.encoder_hid_dim_type != IP_ADAPTER_PROJECTION:
+        problems.append(
+            f"encoder_hid_proj with encoder_hid_dim_type={config.encoder_hid_dim_type!r} (supported: none, "
+            f"or {IP_ADAPTER_PROJECTION!r} from load_ip_adapter)"
+        )
     if problems:
         raise UnsupportedPipelineError("this U-Net cannot be split by fastcache: " + "; ".join(problems))
 
@@ -200,6 +207,8 @@ class UNetSplit:
             emb = emb + aug_emb
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
+        if "image_embeds" in added:  # diffusers' image projection wants the per-adapter list
+            added = {**added, "image_embeds": list(added["image_embeds"])}
         context = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
         return emb, context, unet.conv_in(sample)
 

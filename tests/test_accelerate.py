@@ -88,8 +88,8 @@ def test_deepcache_helper_enabled_is_detected(sd_pipe):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (dict(cross_attention_kwargs={"scale": 0.5}), "cross_attention_kwargs"),
-        (dict(added_cond_kwargs={"image_embeds": torch.zeros(1)}), "image_embeds"),
+        (dict(cross_attention_kwargs={"scale": 0.5, "ip_adapter_masks": None}), "cross_attention_kwargs"),
+        (dict(added_cond_kwargs={"hint": torch.zeros(1)}), "hint"),
         (dict(down_block_additional_residuals=(torch.zeros(1),)), "T2I-Adapter path"),
         (dict(down_intrablock_additional_residuals=(torch.zeros(1),)), "T2I-Adapter residuals"),
         (dict(class_labels=torch.zeros(1)), "class_labels"),
@@ -243,7 +243,8 @@ def test_pipe_to_another_dtype_after_accelerate(sd_pipe):
             latents(sd_pipe, steps=4)
             sd_pipe.to(torch.float64)
             actual = latents(sd_pipe, steps=4)
-            assert actual.dtype == torch.float64 and handle._runner.captures == 4
+            # The weights' new storage is noticed: a new runner captured both graphs (the old freed).
+            assert actual.dtype == torch.float64 and handle._runner.captures == 2
         expected = deepcache_latents(sd_pipe, 3, 0, steps=4)
         assert max_diff(actual, expected) <= 1e-12
     finally:

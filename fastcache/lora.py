@@ -1,0 +1,105 @@
+"""LoRA adapters (PEFT) on an accelerated U-Net: scales as device values, model changes detected.
+
+PEFT keeps each LoRA layer's scale as a Python float, ``layer.scaling[adapter]``. A compiled graph
+would bake that float in (every scale change would recompile) and a captured CUDA Graph would keep
+replaying the old one. So while fastcache runs the U-Net, each of those entries is swapped for a
+0-d view into one float32 device tensor (`LoraScales.buffer`) holding the scale of this call; the
+graphs read the scales like any other input. Between U-Net calls PEFT sees its own floats, so
+``set_adapters``, ``fuse_lora``, ``save_lora_weights``... work unchanged.
+
+Everything else a LoRA API call can change alters *what* runs (load/unload/delete adapters,
+fuse/unfuse, enable/disable, another set of active adapters) or *where the weights live* (new
+storage): `model_fingerprint` changes, and the handle prepares its graphs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Any, Iterator
+
+import torch
+
+
+def is_lora_layer(module: Any) -> bool:
+    """A PEFT tuner layer with per-adapter scales (LoRA's Linear/Conv2d wrappers)."""
+    scaling = getattr(module, "scaling", None)
+    return isinstance(scaling, dict) and hasattr(module, "lora_A") and hasattr(module, "active_adapters")
+
+
+def lora_layers(model: torch.nn.Module) -> list[Any]:
+    return [module for module in model.modules() if is_lora_layer(module)]
+
+
+def model_fingerprint(model: torch.nn.Module) -> int:
+    """What compiled and captured graphs of `model` depend on besides input shapes.
+
+    The identity of every sub-module (adapters loaded, unloaded or deleted replace modules) and
+    attention processor, IP-Adapter image scales (baked into graphs as constants), each LoRA
+    layer's active/merged/disabled adapters (fuse, unfuse, set_adapters with other names,
+    enable/disable_lora), and the storage of every parameter and buffer (CUDA Graphs replay fixed
+    addresses; weights copied in place keep them, new tensors do not). One pass over the modules,
+    once per pipeline call.
+    """
+    parts: list[Any] = []
+    append = parts.append
+    for module in model.modules():
+        append(id(module))
+        for tensor in itertools.chain(module._parameters.values(), module._buffers.values()):
+            if tensor is not None:
+                append(tensor.data_ptr())
+        processor = module.__dict__.get("processor")
+        if processor is not None:
+            # Attention processors are plain objects (set_attn_processor and load_ip_adapter swap
+            # them); IP-Adapter's keep their image scales as floats (set_ip_adapter_scale).
+            append((id(processor), repr(getattr(processor, "scale", None))))
+        if is_lora_layer(module):
+            append((tuple(module.active_adapters), tuple(module.merged_adapters), bool(module.disable_adapters)))
+    return hash(tuple(parts))
+
+
+class LoraScales:
+    """The LoRA scales of one U-Net as a device tensor, installed into PEFT only during runs.
+
+    Built again whenever `model_fingerprint` changes, so its list of (layer, adapter) entries is
+    always the model's current one.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.layers = lora_layers(model)
+        self.entries = [(layer, adapter) for layer in self.layers for adapter in layer.scaling]
+        self.buffer = torch.zeros(len(self.entries), dtype=torch.float32, device=device)
+        self._views = list(self.buffer.unbind(0))
+        self._uploaded: tuple[float, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @contextlib.contextmanager
+    def applied(self, lora_scale: float = 1.0) -> Iterator[None]:
+        """PEFT's scales times `lora_scale` (``cross_attention_kwargs["scale"]``) in the buffer,
+        and the buffer's views in PEFT's dicts, for the duration of one U-Net run.
+
+        The upload is one host-to-device copy, done only when a value changed since the last run.
+        """
+        if not self.entries:
+            yield
+            return
+        own = [layer.scaling[adapter] for layer, adapter in self.entries]
+        values = tuple(float(value) * lora_scale for value in own)
+        if values != self._uploaded:
+            self.buffer.copy_(torch.tensor(values, dtype=torch.float32))
+            self._uploaded = values
+        for (layer, adapter), view in zip(self.entries, self._views):
+            layer.scaling[adapter] = view
+        try:
+            yield
+        finally:
+            for (layer, adapter), value in zip(self.entries, own):
+                layer.scaling[adapter] = value
+        if lora_scale == 0:
+            # diffusers' unscale_lora_layers(model, 0) resets active adapters to their initial
+            # scale after a scale-0 call; an accelerated pipeline behaves as the plain one.
+            for layer in self.layers:
+                for adapter in layer.active_adapters:
+                    layer.set_scale(adapter, 1.0)

@@ -1,0 +1,155 @@
+"""LoRA (PEFT) adapters changed after accelerate: the next call uses the new weights and scales.
+
+Reference: a twin pipeline (the same tiny weights; the same LoRA calls in the same order) running
+the DeepCache 0.1.1 helper, or nothing when caching is off. Each scenario walks through loading,
+rescaling, a second adapter, fusing, unfusing, disabling and unloading, and checks every state:
+a stale compiled constant, a stale captured graph or stale kept features would differ by the
+LoRA's effect (0.05-0.5 on these latents), far above the bound.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from fastcache.lora import lora_layers
+from fastcache.tiny import tiny_sd_pipeline
+
+from .helpers import accelerated, deepcache_latents, latents, max_diff
+
+TOLERANCE = 1e-5
+COMPILED_TOLERANCE = 1e-4  # aot_eager decomposes ops; still far below a LoRA's effect
+
+
+def lora_state_dict(unet: Any, seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A random LoRA for `unet`'s attention projections, in diffusers' PEFT key format."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    donor = UNet2DConditionModel.from_config(unet.config)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                        init_lora_weights=False)
+    donor.add_adapter(config, adapter_name="donor")
+    return {f"unet.{name}": 0.5 * value for name, value in get_peft_model_state_dict(donor, adapter_name="donor").items()}
+
+
+LORA_A = lora_state_dict(tiny_sd_pipeline().unet, seed=1)
+LORA_B = lora_state_dict(tiny_sd_pipeline().unet, seed=2)
+
+# (what the user does between calls, call kwargs, whether the graphs must be prepared again)
+Step = tuple[str, Callable[[Any], None], dict[str, Any], bool]
+SCENARIO: list[Step] = [
+    ("no LoRA (first call)", lambda pipe: None, {}, True),
+    ("load_lora_weights a", lambda pipe: pipe.load_lora_weights(LORA_A, adapter_name="a"), {}, True),
+    ("set_adapters a=0.5", lambda pipe: pipe.set_adapters(["a"], [0.5]), {}, False),
+    ("call scale 0.3", lambda pipe: None, {"cross_attention_kwargs": {"scale": 0.3}}, False),
+    ("load b, a=0.5 b=0.8", lambda pipe: (pipe.load_lora_weights(LORA_B, adapter_name="b"),
+                                           pipe.set_adapters(["a", "b"], [0.5, 0.8])), {}, True),
+    ("set_adapters a=1.2 b=-0.4", lambda pipe: pipe.set_adapters(["a", "b"], [1.2, -0.4]), {}, False),
+    ("fuse_lora", lambda pipe: pipe.fuse_lora(), {}, True),
+    ("unfuse_lora", lambda pipe: pipe.unfuse_lora(), {}, True),
+    ("disable_lora", lambda pipe: pipe.disable_lora(), {}, True),
+    ("enable_lora, call scale 0", lambda pipe: pipe.enable_lora(), {"cross_attention_kwargs": {"scale": 0.0}}, True),
+    ("after a scale-0 call", lambda pipe: None, {}, False),
+    ("delete_adapters b", lambda pipe: pipe.delete_adapters("b"), {}, True),
+    ("unload_lora_weights", lambda pipe: pipe.unload_lora_weights(), {}, True),
+]
+
+
+def _twins() -> tuple[Any, Any]:
+    return tiny_sd_pipeline(), tiny_sd_pipeline()
+
+
+def _graph_count() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+LORA = "LoRA: load_lora_weights, set_adapters, cross_attention_kwargs scale, fuse/unfuse, unload"
+
+
+@pytest.mark.covers(LORA, "= DeepCache")
+@pytest.mark.parametrize(
+    "options, tolerance",
+    [
+        pytest.param(dict(compile=False), TOLERANCE, id="eager"),
+        pytest.param(dict(compile=False, emulate_graphs=True), TOLERANCE, id="emulated-graphs",
+                     marks=pytest.mark.covers(check="emulated CUDA Graphs")),
+    ],
+)
+def test_lora_changes_after_accelerate_match_deepcache(options, tolerance):
+    reference, pipe = _twins()
+    with accelerated(pipe, cache_interval=3, cache_branch_id=0, **options) as handle:
+        for name, change, call, _ in SCENARIO:
+            change(reference)
+            change(pipe)
+            expected = deepcache_latents(reference, 3, 0, **call)
+            actual = latents(pipe, **call)
+            assert max_diff(actual, expected) <= tolerance, name
+            assert handle.stats.last_call == [step % 3 == 0 for step in range(10)], name
+    assert not lora_layers(pipe.unet)
+
+
+@pytest.mark.covers(LORA, "caching off = plain")
+def test_lora_caching_off_equals_plain_pipeline():
+    reference, pipe = _twins()
+    with accelerated(pipe, cache_interval=1, compile=False, emulate_graphs=True):
+        for name, change, call, _ in SCENARIO:
+            change(reference)
+            change(pipe)
+            assert max_diff(latents(pipe, **call), latents(reference, **call)) <= 1e-6, name
+
+
+@pytest.mark.covers(LORA, "compiled (dynamo, no graph breaks)")
+def test_lora_scale_changes_do_not_recompile():
+    """Compiled (dynamo + AOTAutograd): scale changes reuse the graphs; the other changes prepare
+    them again automatically, and each state still matches DeepCache."""
+    reference, pipe = _twins()
+    with accelerated(pipe, cache_interval=3, compile_backend="aot_eager") as handle:
+        for name, change, call, must_prepare in SCENARIO[:8]:
+            change(reference)
+            change(pipe)
+            graphs, compilations = _graph_count(), handle.compilations
+            expected = deepcache_latents(reference, 3, 0, **call)
+            actual = latents(pipe, **call)
+            assert max_diff(actual, expected) <= COMPILED_TOLERANCE * expected.abs().max().item(), name
+            if not must_prepare:
+                assert (_graph_count(), handle.compilations) == (graphs, compilations), f"{name} recompiled"
+            else:
+                assert handle.compilations == compilations + 2, f"{name} did not prepare the graphs again"
+
+
+def test_lora_changes_in_strict_mode_prepare_warmed_shapes_again():
+    """Strict serving refuses unwarmed shapes, but a LoRA change re-prepares the warmed ones."""
+    from fastcache.errors import ShapeNotWarmedError
+
+    reference, pipe = _twins()
+    with accelerated(pipe, cache_interval=3, compile=False, emulate_graphs=True, strict=True) as handle:
+        handle.warmup(height=128, width=128)
+        for _, change, call, _ in SCENARIO[:3]:
+            change(reference)
+            change(pipe)
+            assert max_diff(latents(pipe, **call), deepcache_latents(reference, 3, 0, **call)) <= TOLERANCE
+        with pytest.raises(ShapeNotWarmedError):
+            latents(pipe, height=64, width=64)
+
+
+def test_weights_copied_in_place_keep_graphs():
+    """Copying new values into the weights (same storage) needs no new graphs and is seen at once."""
+    reference, pipe = _twins()
+    with accelerated(pipe, cache_interval=3, compile=False, emulate_graphs=True) as handle:
+        latents(pipe)
+        captures = handle._runner.captures
+        for twin in (reference, pipe):
+            with torch.no_grad():
+                twin.unet.conv_in.weight.mul_(1.5)
+        assert max_diff(latents(pipe), deepcache_latents(reference, 3, 0)) <= TOLERANCE
+        assert handle._runner.captures == captures
+        # New storage for a weight (assign, not copy) must be noticed: graphs are captured again.
+        for twin in (reference, pipe):
+            twin.unet.conv_in.weight = torch.nn.Parameter(twin.unet.conv_in.weight.detach() * 0.5)
+        assert max_diff(latents(pipe), deepcache_latents(reference, 3, 0)) <= TOLERANCE
+        assert handle._runner.captures == 2
