@@ -124,3 +124,57 @@ def dense_matmul_rate(
 def floor_seconds(macs: float, rate: MatmulRate) -> float:
     """Seconds the card needs for `macs` multiply-accumulates at its dense matrix rate."""
     return 2 * macs / rate.flops_per_s
+
+
+@dataclass
+class StepFloor:
+    """One method's measured U-Net steps at one shape against the floor of the same work."""
+
+    method: str
+    full_or_refresh_s: float | None  # median of full (no caching) or refresh steps
+    cached_s: float | None
+    full_floor_s: float
+    shallow_floor_s: float | None  # for the method's branch; None without caching
+
+    @property
+    def full_ratio(self) -> float | None:
+        return None if self.full_or_refresh_s is None else self.full_or_refresh_s / self.full_floor_s
+
+    @property
+    def cached_ratio(self) -> float | None:
+        if self.cached_s is None or self.shallow_floor_s is None:
+            return None
+        return self.cached_s / self.shallow_floor_s
+
+
+@dataclass
+class ShapeFloor:
+    """The floor at one shape: the work counted, the rate measured, and each method against it."""
+
+    rate: MatmulRate
+    work_by_branch: dict[int, UNetWork]
+    steps: list[StepFloor]
+
+
+def shape_floor(unet_config: dict[str, Any], height: int, width: int, unet_batch: int, text_length: int,
+                rate: MatmulRate, methods: list[Any]) -> ShapeFloor:
+    """`methods`: bench MethodResults (their ``steps`` and, for caching methods, ``config``)."""
+    branches = sorted({_branch(m.config) for m in methods if m.config is not None} | {0})
+    work = {b: unet_work(unet_config, height, width, unet_batch, text_length, b) for b in branches}
+    steps = []
+    for m in methods:
+        branch = _branch(m.config) if m.config is not None else None
+        full = m.steps.full or m.steps.refresh
+        steps.append(StepFloor(
+            method=m.label,
+            full_or_refresh_s=full.median if full is not None else None,
+            cached_s=m.steps.cached.median if m.steps.cached is not None else None,
+            full_floor_s=floor_seconds(work[0].full_macs, rate),
+            shallow_floor_s=floor_seconds(work[branch].shallow_macs, rate) if branch is not None else None,
+        ))
+    return ShapeFloor(rate, work, steps)
+
+
+def _branch(config: str) -> int:
+    """The branch id of a config label such as "I3B0"."""
+    return int(str(config).upper().split("B")[1])

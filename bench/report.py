@@ -128,6 +128,34 @@ def step_table(result: BenchResult) -> list[str]:
     return _table(header, rows)
 
 
+def floor_table(result: BenchResult) -> list[str]:
+    """Each method's steps against the floor: MACs counted from the config / measured matrix rate."""
+    lines: list[str] = []
+    header = ["resolution, batch", "method", "full/refresh step s", "floor s", "x floor", "cached step s",
+              "floor s", "x floor"]
+    rows = []
+    for shape in result.shapes:
+        floor = shape.floor
+        if floor is None:
+            continue
+        work = floor.work_by_branch[0]
+        lines.append(
+            f"- {shape.label}: U-Net batch {work.batch}, full U-Net {work.full_macs / 1e9:.4g} GMACs "
+            f"({work.full_conv_linear_macs / 1e9:.4g} conv+linear, {work.full_attention_macs / 1e9:.4g} attention); "
+            + "; ".join(f"shallow branch {b}: {w.shallow_macs / 1e9:.4g} GMACs" for b, w in sorted(floor.work_by_branch.items()))
+            + f"; dense matrix rate {floor.rate.flops_per_s / 1e12:.2f} TFLOP/s ({floor.rate.dtype}, "
+            f"{floor.rate.size}^3 GEMM)"
+        )
+        for step in floor.steps:
+            rows.append([
+                shape.label, step.method, _s(step.full_or_refresh_s), _s(step.full_floor_s),
+                _x(step.full_ratio), _s(step.cached_s), _s(step.shallow_floor_s), _x(step.cached_ratio),
+            ])
+    if not rows:
+        return ["No floor: no direct U-Net step was timed."]
+    return lines + [""] + _table(header, rows)
+
+
 def memory_lines(result: BenchResult) -> list[str]:
     measured = [m for s in result.shapes for m in s.methods if m.peak_memory_bytes is not None]
     if not measured:
@@ -231,6 +259,13 @@ def markdown(result: BenchResult, plot_name: str | None, sample_dir: str | None)
         " index); `[min, max]`.",
         "",
         *step_table(result),
+        "",
+        "## Against the floor (the card's dense matrix rate over the U-Net's MACs)",
+        "",
+        "MACs are counted from the U-Net config on the meta device (classifier-free guidance included in"
+        " the U-Net batch); the rate is one large GEMM in the run's dtype; `x floor` = measured / floor.",
+        "",
+        *floor_table(result),
         "",
         "## Peak device memory",
         "",

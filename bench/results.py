@@ -96,6 +96,7 @@ class ShapeResult:
     unet_batch: int  # rows of a U-Net call (2x batch with classifier-free guidance)
     methods: list[MethodResult] = field(default_factory=list)
     agreements: list[Agreement] = field(default_factory=list)
+    floor: Any = None  # bench.floor.ShapeFloor: each method's steps against the card's matrix rate
 
     @property
     def label(self) -> str:

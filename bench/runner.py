@@ -28,6 +28,7 @@ import torch
 
 from . import metrics
 from .env import load_average
+from .floor import MatmulRate, dense_matmul_rate, shape_floor
 from .methods import CACHED, FULL, REFRESH, CacheConfig, Method, Shape, is_restored
 from .results import Agreement, MethodResult, Quality, ShapeResult, StepTimes
 from .timing import PeakMemory, TimingStats, repeat, synchronize, timed
@@ -50,6 +51,17 @@ class RunSettings:
     seed: int
     guidance_scale: float
     step_calls: int  # direct U-Net calls per method: this many per refresh interval
+
+
+_RATES: dict[tuple[str, str], MatmulRate] = {}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> MatmulRate:
+    """The dense matrix rate of this device and dtype, measured once per process."""
+    key = (str(device), str(dtype))
+    if key not in _RATES:
+        _RATES[key] = dense_matmul_rate(device, dtype)
+    return _RATES[key]
 
 
 def log(message: str) -> None:
@@ -191,6 +203,12 @@ def measure_shape(
         measured.quality_vs_eager = quality(outputs[measured.label], reference)
         measured.speedup_end_to_end = eager.end_to_end.median / measured.end_to_end.median
         measured.speedup_denoise = eager.denoise.median / measured.denoise.median
+    if unet_inputs:
+        captured = unet_inputs[0]
+        context = captured.kwargs.get("encoder_hidden_states")
+        text_length = int((context if context is not None else captured.args[2]).shape[1])
+        result.floor = shape_floor(dict(pipe.unet.config), shape.height, shape.width, result.unet_batch,
+                                   text_length, matmul_rate(device, pipe.unet.dtype), result.methods)
     configs = [m.config for m in result.methods if m.method == "fastcache"]
     for config in configs:
         dc, fc = result.get(f"deepcache {config}"), result.get(f"fastcache {config}")
