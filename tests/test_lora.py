@@ -153,3 +153,31 @@ def test_weights_copied_in_place_keep_graphs():
             twin.unet.conv_in.weight = torch.nn.Parameter(twin.unet.conv_in.weight.detach() * 0.5)
         assert max_diff(latents(pipe), deepcache_latents(reference, 3, 0)) <= TOLERANCE
         assert handle._runner.captures == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA Graph capture and replay)")
+@pytest.mark.covers(LORA, "CUDA Graphs", cuda_only=True)
+def test_lora_under_real_cuda_graphs():
+    """Captured graphs read the LoRA scale buffer: scale changes replay without a re-capture and
+    equal DeepCache; fusing re-captures. fp32 on the GPU, so the eager reference is tight."""
+    reference, pipe = (tiny_sd_pipeline(device="cuda") for _ in range(2))
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions, so the bound below is meaningful
+    try:
+        _walk_scenario_under_cuda_graphs(reference, pipe)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _walk_scenario_under_cuda_graphs(reference: Any, pipe: Any) -> None:
+    with accelerated(pipe, cache_interval=3) as handle:
+        assert handle.runtime == "cuda-graphs"
+        for name, change, call, must_prepare in SCENARIO[:8]:
+            change(reference)
+            change(pipe)
+            captures = handle._runner.captures if not must_prepare else None
+            expected = deepcache_latents(reference, 3, 0, **call)
+            actual = latents(pipe, **call)
+            assert max_diff(actual, expected) <= COMPILED_TOLERANCE * expected.abs().max().item(), name
+            if captures is not None:
+                assert handle._runner.captures == captures, f"{name} re-captured"
