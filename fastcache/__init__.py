@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .accelerate import CallStats, FastCache, WarmupReport
 from .compat import DeepCacheSDHelper
@@ -37,6 +37,8 @@ def accelerate(
     power: float = 1.4,
     compile: bool = True,
     compile_backend: str = "inductor",
+    compile_mode: str | None = None,
+    compile_options: Mapping[str, Any] | None = None,
     cuda_graphs: bool | None = None,
     emulate_graphs: bool = False,
     strict: bool = False,
@@ -54,6 +56,8 @@ def accelerate(
         power=power,
         compile=compile,
         compile_backend=compile_backend,
+        compile_mode=compile_mode,
+        compile_options=tuple(sorted((compile_options or {}).items())),
         cuda_graphs=cuda_graphs,
         emulate_graphs=emulate_graphs,
         strict=strict,

@@ -100,7 +100,11 @@ def _make_runner(split: UNetSplit, config: FastCacheConfig, device: torch.device
     use_graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
     if use_graphs and device.type != "cuda":
         raise InvalidConfigError(f"cuda_graphs=True needs the U-Net on a CUDA device; it is on {device}")
-    compiled = CompiledFunctions(split, config.compile_backend, config.strict) if config.compile else None
+    compiled = (
+        CompiledFunctions(split, config.compile_backend, config.strict, config.compile_mode, dict(config.compile_options))
+        if config.compile
+        else None
+    )
     if use_graphs or config.emulate_graphs:
         return GraphRunner(split, compiled, emulate=not use_graphs, strict=config.strict)
     if compiled is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import InvalidConfigError
 from .schedule import RefreshSchedule, make_schedule
@@ -29,6 +29,12 @@ class FastCacheConfig:
     # torch.compile backend; "inductor" in production. Tests use "eager"/"aot_eager" to check that
     # dynamo traces every branch without graph breaks at a fraction of inductor's compile time.
     compile_backend: str = "inductor"
+    # torch.compile's `mode` (e.g. "max-autotune-no-cudagraphs": autotuned GEMM/conv templates,
+    # longer compiles) or inductor `options` (e.g. {"conv_1x1_as_mm": True}); at most one of them,
+    # as torch.compile allows. Modes with inductor's own CUDA Graphs ("reduce-overhead",
+    # "max-autotune") would capture inside fastcache's graphs and are refused.
+    compile_mode: str | None = None
+    compile_options: tuple[tuple[str, Any], ...] = ()
     # Capture and replay CUDA Graphs. None: on for CUDA devices, off elsewhere.
     cuda_graphs: bool | None = None
     # Debugging and CPU tests: graph replay semantics (static buffers, in-place kept features)
@@ -52,5 +58,25 @@ class FastCacheConfig:
             raise InvalidConfigError(f"cuda_graphs must be None (auto), True or False, got {self.cuda_graphs!r}")
         if self.emulate_graphs and self.cuda_graphs:
             raise InvalidConfigError("emulate_graphs and cuda_graphs exclude each other")
+        if self.compile_mode is not None and self.compile_options:
+            raise InvalidConfigError("give compile_mode or compile_options, not both (torch.compile takes one)")
+        if self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise InvalidConfigError(
+                f"compile_mode={self.compile_mode!r} turns on inductor's own CUDA Graphs, which fastcache "
+                "already captures; use 'default' or 'max-autotune-no-cudagraphs'"
+            )
+        if self.compile_mode not in (None, "default", "max-autotune-no-cudagraphs"):
+            raise InvalidConfigError(
+                f"compile_mode must be None, 'default' or 'max-autotune-no-cudagraphs', got {self.compile_mode!r}"
+            )
+        if self.compile_options and self.compile_backend == "inductor":
+            import torch._inductor.config as inductor_config
+
+            unknown = sorted(name for name, _ in self.compile_options if not hasattr(inductor_config, name))
+            if unknown:
+                raise InvalidConfigError(
+                    f"unknown inductor option(s) {unknown}: compile_options takes names from "
+                    "torch._inductor.config (e.g. conv_1x1_as_mm, coordinate_descent_tuning, epilogue_fusion)"
+                )
         if not isinstance(self.compile_backend, str) or not self.compile_backend:
             raise InvalidConfigError(f"compile_backend must be a torch.compile backend name, got {self.compile_backend!r}")

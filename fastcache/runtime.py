@@ -188,8 +188,15 @@ class CompiledFunctions:
     raises: a U-Net never drops to eager silently.
     """
 
-    def __init__(self, split: UNetSplit, backend: str, strict: bool) -> None:
-        options = dict(fullgraph=True, dynamic=False, backend=backend)
+    def __init__(
+        self, split: UNetSplit, backend: str, strict: bool, mode: str | None = None,
+        inductor_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        options: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=backend)
+        if mode is not None:
+            options["mode"] = mode
+        if inductor_options:
+            options["options"] = dict(inductor_options)
         self.functions: dict[str, Callable[..., Any]] = {
             "full": torch.compile(split.full, **options),
             "shallow": torch.compile(split.shallow, **options),

@@ -125,6 +125,41 @@ def test_compile_failure_restores_the_pipeline(sd_pipe):
     assert torch.equal(latents(sd_pipe, steps=3), before)
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(compile_mode="reduce-overhead"), "inductor's own CUDA Graphs"),
+        (dict(compile_mode="max-autotune"), "inductor's own CUDA Graphs"),
+        (dict(compile_mode="fastest"), "compile_mode must be"),
+        (dict(compile_mode="default", compile_options={"epilogue_fusion": False}), "not both"),
+        (dict(compile_options={"not_an_inductor_option": 1}), "not_an_inductor_option"),
+    ],
+)
+def test_bad_compile_settings_raise_before_touching_the_pipeline(sd_pipe, options, message):
+    with pytest.raises(InvalidConfigError, match=message):
+        fastcache.accelerate(sd_pipe, **options)
+    assert_untouched(sd_pipe)
+
+
+def test_compile_options_reach_the_backend(sd_pipe):
+    """Inductor options are handed to torch.compile (a recording backend sees them) and the result
+    still equals DeepCache."""
+    from torch._dynamo import register_backend
+
+    seen: list[dict] = []
+
+    @register_backend(name="fastcache_test_recording_backend")
+    def recording_backend(graph, example_inputs, **kwargs):
+        seen.append(kwargs)
+        return graph.forward
+
+    expected = deepcache_latents(sd_pipe, 2, 0, steps=4)
+    with accelerated(sd_pipe, cache_interval=2, compile_backend="fastcache_test_recording_backend",
+                     compile_options={"conv_1x1_as_mm": True}):
+        assert max_diff(latents(sd_pipe, steps=4), expected) <= 1e-5
+    assert seen and all(kwargs.get("options") == {"conv_1x1_as_mm": True} for kwargs in seen)
+
+
 def test_capture_failure_restores_the_pipeline(sd_pipe, monkeypatch):
     from fastcache import graphs
 
