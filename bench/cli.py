@@ -85,6 +85,8 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--cuda-graphs", type=_cuda_graphs, default=None)
+    parser.add_argument("--load-compile-cache", default=None, help="fastcache.load_compile_cache(PATH) before accelerate")
+    parser.add_argument("--save-compile-cache", default=None, help="fastcache.save_compile_cache(PATH) after the image")
 
 
 def _dtype(name: str, device: Any) -> Any:
@@ -221,9 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(commands.add_parser("run", help="run the benchmark and write result files"))
     add_probe_arguments(commands.add_parser("restart-probe", help="internal: the fresh process of the restart timing"))
+    from .warm_restart import add_arguments as add_warm_restart_arguments
+
+    add_warm_restart_arguments(commands.add_parser(
+        "warm-restart", help="seconds to the first image: cold, restart with the cache dir, restart from a cache file"))
     args = parser.parse_args(argv)
     if args.command == "restart-probe":
         from .restart import probe_main
 
         return probe_main(args)
+    if args.command == "warm-restart":
+        from .warm_restart import main as warm_restart_main
+
+        return warm_restart_main(args, argv)
     return run(args, argv)

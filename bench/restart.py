@@ -30,21 +30,41 @@ def probe_command(args: dict[str, Any]) -> list[str]:
     return command
 
 
-def run_probe(args: dict[str, Any], timeout_s: float = 3600.0) -> RestartResult:
-    """Launch the child, wait, and combine its report with the process wall time."""
+def run_probe_report(args: dict[str, Any], env: dict[str, str] | None = None,
+                     timeout_s: float = 3600.0) -> tuple[float, float, dict[str, Any]]:
+    """Launch the child (``env`` added to this process's environment), wait; (process wall s,
+    seconds from launch to the child's main, the child's report)."""
     launched = time.time()
     start = time.perf_counter()
+    cpu_before = _children_cpu_s()
     completed = subprocess.run(
-        probe_command(args), cwd=_REPO, capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ)
+        probe_command(args), cwd=_REPO, capture_output=True, text=True, timeout=timeout_s,
+        env={**os.environ, **(env or {})},
     )
     process_s = time.perf_counter() - start
     lines = [line for line in completed.stdout.splitlines() if line.startswith(MARKER)]
     if completed.returncode != 0 or not lines:
         raise RuntimeError(f"restart probe failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
     report = json.loads(lines[-1][len(MARKER):])
+    # CPU seconds of the child and everything it waited for (compile workers, the C++ compiler):
+    # unlike wall time, barely moved by other jobs on a shared machine.
+    report["process_cpu_s"] = _children_cpu_s() - cpu_before
+    return process_s, report["main_started"] - launched, report
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_probe(args: dict[str, Any], timeout_s: float = 3600.0) -> RestartResult:
+    """Launch the child, wait, and combine its report with the process wall time."""
+    process_s, import_s, report = run_probe_report(args, timeout_s=timeout_s)
     return RestartResult(
         config=args["config"], shape=f"{args['width']}x{args['height']} b{args['batch']}", process_s=process_s,
-        import_s=report["main_started"] - launched, build_s=report["build_s"],
+        import_s=import_s, build_s=report["build_s"],
         accelerate_warmup_s=report["accelerate_warmup_s"],
         first_image_after_warmup_s=report["first_image_after_warmup_s"],
         compilations=report["compilations"], compile_cache=report["compile_cache"],
@@ -73,6 +93,10 @@ def probe_main(options: Any) -> int:
     workload = Workload(pipe, shape, options.steps, options.prompt, options.seed, options.guidance)
     before = compile_counters()
     start = time.perf_counter()
+    loaded = None
+    if options.load_compile_cache:
+        loaded = fastcache.load_compile_cache(options.load_compile_cache)
+    load_s = time.perf_counter() - start
     handle = fastcache.accelerate(
         pipe, cache_interval=config.interval, cache_branch_id=config.branch,
         compile_backend=options.compile_backend, cuda_graphs=options.cuda_graphs,
@@ -82,10 +106,34 @@ def probe_main(options: Any) -> int:
     warm_s = time.perf_counter() - start
     first_s, _ = timed(workload.end_to_end, device)
     report = {
-        "main_started": main_started, "build_s": build_s, "accelerate_warmup_s": warm_s,
+        "main_started": main_started, "build_s": build_s, "accelerate_warmup_s": warm_s - load_s,
         "first_image_after_warmup_s": first_s, "compilations": handle.compilations,
         "compile_cache": {k: v - before[k] for k, v in compile_counters().items()},
     }
     handle.disable()
+    report.update(_compile_cache_details(options, loaded, load_s))
     print(MARKER + json.dumps(report), flush=True)
     return 0
+
+
+def _compile_cache_details(options: Any, loaded: Any, load_s: float) -> dict[str, Any]:
+    """The compile cache file's fate (--load/--save-compile-cache), AOTAutograd's cache, and where
+    compile time went (dynamo's phase timers)."""
+    import torch
+    from torch._dynamo.utils import calculate_time_spent, counters
+
+    import fastcache
+
+    details: dict[str, Any] = {"load_s": load_s, "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+    if loaded is not None:
+        details["load"] = {"loaded": loaded.loaded, "reason": loaded.reason, "artifacts": loaded.artifacts,
+                           "size_bytes": loaded.size_bytes}
+    if options.save_compile_cache:
+        start = time.perf_counter()
+        saved = fastcache.save_compile_cache(options.save_compile_cache)
+        details["save"] = {"seconds": time.perf_counter() - start, "artifacts": saved.artifacts,
+                           "size_bytes": saved.size_bytes}
+    details["aot_autograd_cache"] = {k: int(v) for k, v in counters["aot_autograd"].items() if "cache" in k}
+    details["phases_s"] = calculate_time_spent()
+    details["torch_threads"] = torch.get_num_threads()
+    return details

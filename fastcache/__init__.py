@@ -13,9 +13,11 @@ from typing import Any, Mapping, Sequence
 
 from .accelerate import CallStats, FastCache, WarmupReport
 from .compat import DeepCacheSDHelper
+from .compile_cache import CompileCacheReport, load_compile_cache, save_compile_cache
 from .config import FastCacheConfig
 from .errors import (
     AlreadyAcceleratedError,
+    CompileCacheError,
     CompileError,
     FastCacheError,
     InvalidConfigError,
@@ -79,4 +81,8 @@ __all__ = [
     "UnsupportedInputError",
     "ShapeNotWarmedError",
     "CompileError",
+    "CompileCacheError",
+    "save_compile_cache",
+    "load_compile_cache",
+    "CompileCacheReport",
 ]

@@ -80,15 +80,29 @@ def run_demo(args: argparse.Namespace) -> list[DemoResult]:
         results.append(DemoResult("DeepCache 0.1.1", seconds, image))
 
     setup = time.perf_counter()
+    cache = args.compile_cache
+    loaded = cache is not None and os.path.exists(cache) and bool(fastcache.load_compile_cache(cache))
     handle = fastcache.accelerate(pipe, cache_interval=args.interval, cache_branch_id=args.branch, compile=args.compile)
     try:
         handle.warmup(height=None, width=None, batch_size=1)
         setup_seconds = time.perf_counter() - setup
+        if cache is not None:
+            _report_compile_cache(cache, loaded, setup_seconds, args.compile)
         seconds, image = _median_seconds(generate, device, args.repeats)
     finally:
         handle.disable()
     results.append(DemoResult("fastcache", seconds, image, setup_seconds))
     return results
+
+
+def _report_compile_cache(path: str, loaded: bool, setup_seconds: float, compiled: bool) -> None:
+    """--compile-cache: say what was loaded; save the file on a run that had to compile."""
+    if loaded:
+        print(f"compile cache: loaded {path}; accelerate + warmup took {setup_seconds:.1f} s")
+    elif compiled:
+        saved = fastcache.save_compile_cache(path)
+        print(f"compile cache: no file yet, accelerate + warmup took {setup_seconds:.1f} s; saved {path} "
+              f"({saved.size_bytes / 1e6:.1f} MB), the next run with --compile-cache loads it")
 
 
 def report(results: list[DemoResult], args: argparse.Namespace) -> str:
@@ -138,6 +152,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="run the split eagerly")
     parser.add_argument("--out", default="fastcache-demo", help="folder for the images")
+    parser.add_argument("--compile-cache", default=None, metavar="PATH",
+                        help="load torch's compile caches from PATH before warm-up if it exists, else save them "
+                             "there after (fastcache.load_compile_cache / save_compile_cache)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -29,3 +29,7 @@ class ShapeNotWarmedError(FastCacheError, RuntimeError):
 
 class CompileError(FastCacheError, RuntimeError):
     """Compiling or capturing a graph failed; the pipeline was restored before this was raised."""
+
+
+class CompileCacheError(FastCacheError, RuntimeError):
+    """A compile cache file could not be written (loading never raises: it reports and compiles)."""
