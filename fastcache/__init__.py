@@ -44,6 +44,7 @@ def accelerate(
     cuda_graphs: bool | None = None,
     emulate_graphs: bool = False,
     strict: bool = False,
+    controlnet_reuse: bool = False,
 ) -> FastCache:
     """Run `pipe`'s U-Net as DeepCache's full and shallow graphs. See FastCacheConfig for options.
 
@@ -63,6 +64,7 @@ def accelerate(
         cuda_graphs=cuda_graphs,
         emulate_graphs=emulate_graphs,
         strict=strict,
+        controlnet_reuse=controlnet_reuse,
     )
     return FastCache(pipe, config)
 

@@ -7,6 +7,9 @@ Two things change on the pipeline, both undone exactly by `FastCache.disable()`:
 * ``pipe.__class__`` becomes a same-named subclass whose ``__call__`` re-arms the dispatcher, so
   the first U-Net call of every pipeline call is a refresh.
 
+With ``controlnet_reuse=True`` a third: ``pipe.controlnet.forward`` (an instance attribute, see
+controlnet_reuse.py), also undone by `disable()`.
+
 Nothing else is patched: no sub-module, no weight, no scheduler.
 """
 
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .config import FastCacheConfig
+from .controlnet_reuse import ControlNetReuse
 from .dispatch import StepDispatcher
 from .errors import (
     AlreadyAcceleratedError,
@@ -155,9 +159,13 @@ class FastCache:
         self._seen_keys: set[Hashable] = set()
         self._in_pipeline_call = False
         self._warned_outside_call = False
+        # Validates (raises InvalidConfigError) before anything is changed; installs in the try.
+        self._controlnet_reuse = ControlNetReuse(pipe, self._dispatcher) if config.controlnet_reuse else None
         self.enabled = False
         try:
             unet.forward = self._unet_forward
+            if self._controlnet_reuse is not None:
+                self._controlnet_reuse.install()
             pipe.__class__ = _accelerated_class(self._original_class, self)
         except BaseException:
             self._uninstall()
@@ -256,6 +264,8 @@ class FastCache:
                 self.unet.forward = self._previous_forward
         if getattr(type(self.pipe), "_fastcache_handle", None) is self:
             self.pipe.__class__ = self._original_class
+        if self._controlnet_reuse is not None:
+            self._controlnet_reuse.uninstall()
 
     def _begin_pipeline_call(self) -> None:
         if getattr(self.unet, "_hf_hook", None) is not None:
@@ -367,6 +377,8 @@ class FastCache:
         key = inputs.key()
         self._seen_keys.add(key)
         refresh = self._dispatcher.next_call(self.pipe.scheduler, key)
+        if self._controlnet_reuse is not None:  # stores (or, as a safety net, recomputes) its residuals
+            inputs = self._controlnet_reuse.unet_call(refresh, key, inputs)
         lora_scale = float((cross_attention_kwargs or {}).get("scale", 1.0))
         with torch.no_grad(), self._lora.applied(lora_scale):
             noise = self._run(refresh, key, inputs)

@@ -43,6 +43,13 @@ class FastCacheConfig:
     # Serving: a shape that warmup() did not prepare, or a recompilation, raises instead of
     # compiling on the hot path.
     strict: bool = False
+    # ControlNet pipelines: on cached steps, skip the ControlNet and reuse the residuals it gave on
+    # the latest refresh step of the same call (when its other inputs and conditioning scale are
+    # the same). Off by default because it changes the images: DeepCache, and fastcache without it,
+    # feed the shallow skips fresh ControlNet residuals on every step; with it, the control signal
+    # is held for `cache_interval` steps. It saves the ControlNet's cost (about a U-Net's down path
+    # and mid block) on every cached step.
+    controlnet_reuse: bool = False
 
     def refresh_schedule(self) -> RefreshSchedule:
         """The validated schedule (raises InvalidConfigError on bad values)."""
@@ -51,7 +58,7 @@ class FastCacheConfig:
     def validate(self) -> None:
         """Check everything that does not depend on the U-Net (the branch id is checked there)."""
         self.refresh_schedule()
-        for name in ("compile", "emulate_graphs", "strict"):
+        for name in ("compile", "emulate_graphs", "strict", "controlnet_reuse"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.cuda_graphs not in (None, True, False):

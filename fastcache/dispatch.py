@@ -90,18 +90,34 @@ class StepDispatcher:
 
     def next_call(self, scheduler: Any, shape_key: Hashable) -> bool:
         """Decide the next U-Net call; True means refresh."""
-        if self.step < 0 or not is_second_evaluation(scheduler):
-            self.step += 1
-            schedule = self._forced or self.schedule
-            if self.step == 0:
-                self._num_steps = steps_in_call(scheduler)
-                self._warn_if_few_steps(schedule)
-            if not repeats_timestep(scheduler):
-                self._step_refreshes = self.step == 0 or schedule.is_refresh(self.step, self._num_steps)
-        refresh = self._step_refreshes or shape_key != self._refreshed_key
+        refresh, self.step, self._num_steps, self._step_refreshes = self._decide(scheduler, shape_key)
+        if self.step == 0:  # warns once per handle (step 0 of Heun's second evaluation too)
+            self._warn_if_few_steps(self._forced or self.schedule)
         if refresh:
             self._refreshed_key = shape_key
         return refresh
+
+    def peek(self, scheduler: Any, shape_key: Hashable) -> bool:
+        """What `next_call` would decide for a U-Net call at `shape_key` now, changing nothing.
+
+        Valid until the scheduler's state or this dispatcher changes: in a pipeline, between the
+        calls made for one denoising step before its U-Net call (the ControlNet's). Both methods
+        run the same `_decide`, so they agree whenever the scheduler and the key are the same.
+        """
+        return self._decide(scheduler, shape_key)[0]
+
+    def _decide(self, scheduler: Any, shape_key: Hashable) -> tuple[bool, int, int | None, bool]:
+        """(refresh, step, num_steps, step_refreshes) after the next call; reads state only."""
+        step, num_steps, step_refreshes = self.step, self._num_steps, self._step_refreshes
+        if step < 0 or not is_second_evaluation(scheduler):
+            step += 1
+            schedule = self._forced or self.schedule
+            if step == 0:
+                num_steps = steps_in_call(scheduler)
+            if not repeats_timestep(scheduler):
+                step_refreshes = step == 0 or schedule.is_refresh(step, num_steps)
+        refresh = step_refreshes or shape_key != self._refreshed_key
+        return refresh, step, num_steps, step_refreshes
 
     def _warn_if_few_steps(self, schedule: RefreshSchedule) -> None:
         if self._forced is not None or self._warned_few_steps or not schedule.caches:
