@@ -48,10 +48,10 @@ def model_fingerprint(model: torch.nn.Module) -> int:
         for tensor in itertools.chain(module._parameters.values(), module._buffers.values()):
             if tensor is not None:
                 append(tensor.data_ptr())
-        processor = module.__dict__.get("processor")
+        # Attention processors are plain objects or, IP-Adapter's, sub-modules (set_attn_processor
+        # and load_ip_adapter swap them); IP-Adapter's keep image scales as floats (set_ip_adapter_scale).
+        processor = module.__dict__.get("processor") or module._modules.get("processor")
         if processor is not None:
-            # Attention processors are plain objects (set_attn_processor and load_ip_adapter swap
-            # them); IP-Adapter's keep their image scales as floats (set_ip_adapter_scale).
             append((id(processor), repr(getattr(processor, "scale", None))))
         if is_lora_layer(module):
             append((tuple(module.active_adapters), tuple(module.merged_adapters), bool(module.disable_adapters)))
