@@ -103,3 +103,28 @@ def deepcache_quad_center() -> Callable[..., Any]:
     namespace: dict[str, Any] = {"np": np}
     exec(compile(ast.Module([function], []), path, "exec"), namespace)
     return namespace["sample_from_quad_center"]
+
+
+def control_image(seed: int = 0) -> torch.Tensor:
+    return torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
+
+
+def controlnet_pipeline(kind: str) -> Any:
+    """A tiny ControlNet pipeline: "sd", "sdxl" or "sd-multi" (two ControlNets), with the call's
+    control images in ``pipe.control_kwargs``. The ControlNets' output convolutions are random."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    from fastcache.tiny import tiny_controlnet, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+    base = tiny_sdxl_pipeline() if kind == "sdxl" else tiny_sd_pipeline()
+    pipeline_class = StableDiffusionXLControlNetPipeline if kind == "sdxl" else StableDiffusionControlNetPipeline
+    if kind == "sd-multi":
+        controlnet: Any = [tiny_controlnet(base.unet, seed=1), tiny_controlnet(base.unet, seed=2)]
+    else:
+        controlnet = tiny_controlnet(base.unet)
+    pipe = pipeline_class(**base.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.control_kwargs = (
+        dict(image=[control_image(1), control_image(2)]) if kind == "sd-multi" else dict(image=control_image())
+    )
+    return pipe

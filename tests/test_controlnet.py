@@ -10,19 +10,12 @@ latents by 3-6 and a residual applied wrongly would fail the 1e-5 bound.
 from __future__ import annotations
 
 import pytest
-import torch
-from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-from fastcache.tiny import tiny_controlnet
 from fastcache.unet_split import unet_layout
 
-from .helpers import accelerated, deepcache_latents, latents, max_diff
+from .helpers import accelerated, controlnet_pipeline, deepcache_latents, latents, max_diff
 
 TOLERANCE = 1e-5
-
-
-def _control_image(seed: int = 0) -> torch.Tensor:
-    return torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module", params=[
@@ -31,18 +24,7 @@ def _control_image(seed: int = 0) -> torch.Tensor:
     pytest.param("sd-multi", marks=pytest.mark.covers("StableDiffusionControlNetPipeline (multi-ControlNet)")),
 ])
 def controlnet_pipe(request):
-    from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
-
-    base = tiny_sdxl_pipeline() if request.param == "sdxl" else tiny_sd_pipeline()
-    pipeline_class = StableDiffusionXLControlNetPipeline if request.param == "sdxl" else StableDiffusionControlNetPipeline
-    if request.param == "sd-multi":
-        controlnet = [tiny_controlnet(base.unet, seed=1), tiny_controlnet(base.unet, seed=2)]
-    else:
-        controlnet = tiny_controlnet(base.unet)
-    pipe = pipeline_class(**base.components, controlnet=controlnet)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.control_kwargs = dict(image=[_control_image(1), _control_image(2)]) if request.param == "sd-multi" else dict(image=_control_image())
-    return pipe
+    return controlnet_pipeline(request.param)
 
 
 def test_controlnet_matters(controlnet_pipe):

@@ -18,36 +18,22 @@ from typing import Any, Iterator
 import diffusers
 import pytest
 import torch
-from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+from diffusers import StableDiffusionControlNetPipeline
 
 import fastcache
 from fastcache.tiny import tiny_controlnet
 from fastcache.unet_split import unet_layout
 
-from .helpers import accelerated, assert_untouched, deepcache_latents, latents, max_diff
+from .helpers import accelerated, assert_untouched, control_image, controlnet_pipeline, deepcache_latents, latents, max_diff
 
 TOLERANCE = 1e-5  # float32 latents of magnitude ~40: the bound test_controlnet.py uses against DeepCache
 INTERVAL = 3
 
 
-def _control_image(seed: int = 0) -> torch.Tensor:
-    return torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
-
 
 @pytest.fixture(scope="module", params=["sd", "sdxl", "sd-multi"])
 def controlnet_pipe(request):
-    from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
-
-    base = tiny_sdxl_pipeline() if request.param == "sdxl" else tiny_sd_pipeline()
-    pipeline_class = StableDiffusionXLControlNetPipeline if request.param == "sdxl" else StableDiffusionControlNetPipeline
-    if request.param == "sd-multi":
-        controlnet = [tiny_controlnet(base.unet, seed=1), tiny_controlnet(base.unet, seed=2)]
-    else:
-        controlnet = tiny_controlnet(base.unet)
-    pipe = pipeline_class(**base.components, controlnet=controlnet)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.control_kwargs = dict(image=[_control_image(1), _control_image(2)]) if request.param == "sd-multi" else dict(image=_control_image())
-    return pipe
+    return controlnet_pipeline(request.param)
 
 
 def _nets(pipe: Any) -> list[Any]:
@@ -281,7 +267,7 @@ def test_peek_agrees_with_next_call_on_special_schedulers(scheduler):
     pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=tiny_controlnet(base.unet))
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **options)
-    image = _control_image()
+    image = control_image()
     for schedule in ("uniform", "quadratic"):
         with accelerated(pipe, cache_interval=INTERVAL, schedule=schedule, center=3, compile=False,
                          controlnet_reuse=True) as fc:
