@@ -35,6 +35,19 @@ def _sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+def _option(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` with VALUE read as JSON where it parses (true, 3, {...}), else as a string."""
+    import json
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    try:
+        return name.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return name.strip(), value
+
+
 def _cuda_graphs(text: str) -> bool | None:
     return {"auto": None, "on": True, "off": False}[text]
 
@@ -61,6 +74,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of `compile` and `fastcache` (the smoke test uses eager)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the `compile` method")
+    parser.add_argument("--fastcache-option", type=_option, action="append", default=[], metavar="NAME=VALUE",
+                        help="another fastcache.accelerate keyword for the fastcache method, VALUE as JSON "
+                             "where it parses (true, 3, {\"conv_1x1_as_mm\": true}), else a string; repeatable")
     parser.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto", help="fastcache's cuda_graphs")
     parser.add_argument("--restart", choices=("first", "all", "none"), default="first",
                         help="time accelerate+warmup in a fresh process with a filled compile cache: for the first "
@@ -130,6 +146,7 @@ def _meta(args: argparse.Namespace, argv: list[str], preset: Any, pipe: Any, bui
             "configs": [c.label for c in _configs(args)], "shapes": [s.label for s in shapes],
             "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
             "cuda_graphs": args.cuda_graphs, "restart": args.restart,
+            "fastcache_options": dict(args.fastcache_option),
         },
         "pipeline": {
             "class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "build_s": build_s,
@@ -193,7 +210,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         pipe = preset.build(device, dtype, args.seed)
         build_s = time.perf_counter() - build_start
         methods = build_methods(configs, CompileSettings(args.compile_backend, args.compile_mode,
-                                                         _cuda_graphs(args.cuda_graphs)))
+                                                         _cuda_graphs(args.cuda_graphs),
+                                                         tuple(args.fastcache_option)))
         result = BenchResult(_meta(args, argv, preset, pipe, build_s, device, dtype, settings, shapes, started,
                                    cache_created, cache_description))
         samples: dict[str, Any] = {}

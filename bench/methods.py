@@ -60,6 +60,9 @@ class CompileSettings:
     backend: str = "inductor"
     mode: str | None = None  # torch.compile mode of the ``compile`` method (None: default)
     cuda_graphs: bool | None = None  # fastcache's option; None: on for CUDA
+    # More fastcache.accelerate keywords for the ``fastcache`` method (--fastcache-option), e.g.
+    # (("compile_vae", True), ("compile_mode", "max-autotune-no-cudagraphs")).
+    fastcache_options: tuple[tuple[str, Any], ...] = ()
 
 
 def _dynamo_reset() -> None:
@@ -193,6 +196,7 @@ class FastCache(Method):
         self.handle = fastcache.accelerate(
             pipe, cache_interval=self.config.interval, cache_branch_id=self.config.branch,
             compile=True, compile_backend=self.settings.backend, cuda_graphs=self.settings.cuda_graphs,
+            **dict(self.settings.fastcache_options),
         )
         try:
             report = self.handle.warmup(

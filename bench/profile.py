@@ -247,7 +247,7 @@ def markdown(profiles: list[MethodProfile], header: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    from .cli import _ints, _sizes
+    from .cli import _ints, _option, _sizes
     from .env import environment
     from .methods import CacheConfig, CompileSettings, Compile, Eager, FastCache
     from .presets import get_preset
@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="eager,compile,fastcache", help="any of eager, compile, fastcache")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--fastcache-option", type=_option, action="append", default=[], metavar="NAME=VALUE",
+                        help="another fastcache.accelerate keyword (as in bench run); repeatable")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
     preset = get_preset(args.preset)
     pipe = preset.build(device, dtype, 0)
-    settings = CompileSettings(backend=args.backend)
+    settings = CompileSettings(backend=args.backend, fastcache_options=tuple(args.fastcache_option))
     chosen = set(args.methods.split(","))
     methods: list[Method] = []
     if "eager" in chosen:

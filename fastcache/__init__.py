@@ -45,6 +45,8 @@ def accelerate(
     emulate_graphs: bool = False,
     strict: bool = False,
     controlnet_reuse: bool = False,
+    compile_vae: bool = False,
+    compile_text_encoders: bool = False,
 ) -> FastCache:
     """Run `pipe`'s U-Net as DeepCache's full and shallow graphs. See FastCacheConfig for options.
 
@@ -65,6 +67,8 @@ def accelerate(
         emulate_graphs=emulate_graphs,
         strict=strict,
         controlnet_reuse=controlnet_reuse,
+        compile_vae=compile_vae,
+        compile_text_encoders=compile_text_encoders,
     )
     return FastCache(pipe, config)
 

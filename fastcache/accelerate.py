@@ -7,8 +7,10 @@ Two things change on the pipeline, both undone exactly by `FastCache.disable()`:
 * ``pipe.__class__`` becomes a same-named subclass whose ``__call__`` re-arms the dispatcher, so
   the first U-Net call of every pipeline call is a refresh.
 
-With ``controlnet_reuse=True`` a third: ``pipe.controlnet.forward`` (an instance attribute, see
-controlnet_reuse.py), also undone by `disable()`.
+Options add instance attributes of the same kind, also undone by `disable()`:
+``pipe.controlnet.forward`` with ``controlnet_reuse=True`` (controlnet_reuse.py), and
+``pipe.vae.decode`` / ``pipe.text_encoder*.forward`` with ``compile_vae`` /
+``compile_text_encoders`` (side_models.py).
 
 Nothing else is patched: no sub-module, no weight, no scheduler.
 """
@@ -39,6 +41,7 @@ from .graphs import GraphRunner
 from .lora import LoraScales, model_fingerprint
 from .runtime import CompiledFunctions, CompiledRunner, EagerRunner, Runner, StepInputs, describe_key
 from .schedule import ExplicitSchedule, UniformSchedule
+from .side_models import CompileFailure, SideModels, side_compile_options
 from .unet_split import UNetSplit
 
 logger = logging.getLogger("fastcache")
@@ -87,6 +90,13 @@ def _accelerated_class(base: type, handle: "FastCache") -> type:
         handle._in_pipeline_call = True
         try:
             return base_call(self, *args, **kwargs)
+        except CompileFailure as failure:
+            handle.disable()
+            raise CompileError(
+                f"fastcache failed {failure.where}: {failure.__cause__!r}\nThe pipeline was restored "
+                "to its original state; accelerate without compile_vae / compile_text_encoders to "
+                "leave that model eager."
+            ) from failure.__cause__
         finally:
             handle._in_pipeline_call = False
 
@@ -161,11 +171,19 @@ class FastCache:
         self._warned_outside_call = False
         # Validates (raises InvalidConfigError) before anything is changed; installs in the try.
         self._controlnet_reuse = ControlNetReuse(pipe, self._dispatcher) if config.controlnet_reuse else None
+        self._side_models = (
+            SideModels(pipe, config.compile_vae, config.compile_text_encoders, side_compile_options(
+                config.compile_backend, config.compile_mode, dict(config.compile_options)))
+            if config.compile_vae or config.compile_text_encoders
+            else None
+        )
         self.enabled = False
         try:
             unet.forward = self._unet_forward
             if self._controlnet_reuse is not None:
                 self._controlnet_reuse.install()
+            if self._side_models is not None:
+                self._side_models.install()
             pipe.__class__ = _accelerated_class(self._original_class, self)
         except BaseException:
             self._uninstall()
@@ -205,6 +223,8 @@ class FastCache:
             kwargs["height"] = height
         if width is not None:
             kwargs["width"] = width
+        if self.config.compile_vae:
+            kwargs["output_type"] = "np"  # runs the VAE decoder, so its graph is prepared too
         kwargs.update(call_kwargs)
         if "prompt_embeds" not in kwargs:
             kwargs.setdefault("prompt", "")
@@ -266,6 +286,8 @@ class FastCache:
             self.pipe.__class__ = self._original_class
         if self._controlnet_reuse is not None:
             self._controlnet_reuse.uninstall()
+        if self._side_models is not None:
+            self._side_models.uninstall()
 
     def _begin_pipeline_call(self) -> None:
         if getattr(self.unet, "_hf_hook", None) is not None:

@@ -35,6 +35,10 @@ class FastCacheConfig:
     # "max-autotune") would capture inside fastcache's graphs and are refused.
     compile_mode: str | None = None
     compile_options: tuple[tuple[str, Any], ...] = ()
+    # Also compile the VAE decoder / the text encoder(s) (same backend and settings, one graph per
+    # shape, prepared by warmup; not CUDA Graphs). Off until measured on a GPU (bench/NOTES.md).
+    compile_vae: bool = False
+    compile_text_encoders: bool = False
     # Capture and replay CUDA Graphs. None: on for CUDA devices, off elsewhere.
     cuda_graphs: bool | None = None
     # Debugging and CPU tests: graph replay semantics (static buffers, in-place kept features)
@@ -58,13 +62,15 @@ class FastCacheConfig:
     def validate(self) -> None:
         """Check everything that does not depend on the U-Net (the branch id is checked there)."""
         self.refresh_schedule()
-        for name in ("compile", "emulate_graphs", "strict", "controlnet_reuse"):
+        for name in ("compile", "emulate_graphs", "strict", "controlnet_reuse", "compile_vae", "compile_text_encoders"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.cuda_graphs not in (None, True, False):
             raise InvalidConfigError(f"cuda_graphs must be None (auto), True or False, got {self.cuda_graphs!r}")
         if self.emulate_graphs and self.cuda_graphs:
             raise InvalidConfigError("emulate_graphs and cuda_graphs exclude each other")
+        if (self.compile_vae or self.compile_text_encoders) and not self.compile:
+            raise InvalidConfigError("compile_vae and compile_text_encoders need compile=True")
         if self.compile_mode is not None and self.compile_options:
             raise InvalidConfigError("give compile_mode or compile_options, not both (torch.compile takes one)")
         if self.compile_mode in ("reduce-overhead", "max-autotune"):
