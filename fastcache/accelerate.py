@@ -397,13 +397,13 @@ class FastCache:
             down_block_additional_residuals, mid_block_additional_residual,
         )
         key = inputs.key()
-        self._seen_keys.add(key)
         refresh = self._dispatcher.next_call(self.pipe.scheduler, key)
         if self._controlnet_reuse is not None:  # stores (or, as a safety net, recomputes) its residuals
             inputs = self._controlnet_reuse.unet_call(refresh, key, inputs)
         lora_scale = float((cross_attention_kwargs or {}).get("scale", 1.0))
         with torch.no_grad(), self._lora.applied(lora_scale):
             noise = self._run(refresh, key, inputs)
+        self._seen_keys.add(key)  # served (a shape refused in strict mode is not "seen")
         self.stats.last_call.append(refresh)
         if refresh:
             self.stats.refresh_steps += 1

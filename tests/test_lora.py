@@ -129,6 +129,13 @@ def test_lora_changes_in_strict_mode_prepare_warmed_shapes_again():
             assert max_diff(latents(pipe, **call), deepcache_latents(reference, 3, 0, **call)) <= TOLERANCE
         with pytest.raises(ShapeNotWarmedError):
             latents(pipe, height=64, width=64)
+        # A shape refused before a model change stays refused after it.
+        change, call = SCENARIO[4][1], SCENARIO[4][2]
+        change(reference)
+        change(pipe)
+        assert max_diff(latents(pipe, **call), deepcache_latents(reference, 3, 0, **call)) <= TOLERANCE
+        with pytest.raises(ShapeNotWarmedError):
+            latents(pipe, height=64, width=64)
 
 
 def test_weights_copied_in_place_keep_graphs():
