@@ -161,11 +161,14 @@ def memory_lines(result: BenchResult) -> list[str]:
     if not measured:
         notes = {m.peak_memory_note for s in result.shapes for m in s.methods if m.peak_memory_note}
         return [f"Peak device memory: {'; '.join(sorted(notes))}. Recorded as null in the JSON."]
-    header = ["resolution, batch", "method", "peak allocated MiB (timed runs)"]
-    rows = [
-        [s.label, m.label, "-" if m.peak_memory_bytes is None else f"{m.peak_memory_bytes / 2**20:.0f}"]
-        for s in result.shapes for m in s.methods
-    ]
+    header = ["resolution, batch", "method", "peak allocated MiB (timed runs)", "vs eager"]
+    rows = []
+    for s in result.shapes:
+        eager = next((m.peak_memory_bytes for m in s.methods if m.method == "eager"), None)
+        for m in s.methods:
+            peak = m.peak_memory_bytes
+            extra = "-" if peak is None or not eager else f"{(peak - eager) / eager:+.1%}"
+            rows.append([s.label, m.label, "-" if peak is None else f"{peak / 2**20:.0f}", extra])
     return _table(header, rows)
 
 

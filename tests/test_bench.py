@@ -257,3 +257,19 @@ def test_smoke_run_on_the_sdxl_code_path(tmp_path):
     (agreement,) = shape["agreements"]
     deepcache_error = agreement["deepcache_vs_eager"]["latent_rel_l2"]
     assert agreement["fastcache_vs_deepcache"]["latent_rel_l2"] <= 0.01 * deepcache_error
+
+
+def test_memory_table_reports_the_extra_over_eager():
+    """fastcache's extra memory over the eager pipeline (issue 5's < 10% target), from peaks."""
+    from types import SimpleNamespace
+
+    from bench.report import memory_lines
+
+    def method(name, peak):
+        return SimpleNamespace(method=name.split()[0], label=name, peak_memory_bytes=peak, peak_memory_note=None)
+
+    shape = SimpleNamespace(label="512x512 b1", methods=[method("eager", 2000 * 2**20),
+                                                         method("fastcache I3B0", 2150 * 2**20)])
+    lines = memory_lines(SimpleNamespace(shapes=[shape]))
+    assert "| 512x512 b1 | eager | 2000 | +0.0% |" in lines
+    assert "| 512x512 b1 | fastcache I3B0 | 2150 | +7.5% |" in lines
