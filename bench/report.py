@@ -377,12 +377,17 @@ def write_all(result: BenchResult, out: str, stem: str, samples: dict[str, np.nd
         "plot": os.path.join(out, stem + ".png"),
         "samples": os.path.join(out, stem + "-samples"),
     }
-    plot(result, paths["plot"])
+    try:
+        plot(result, paths["plot"])
+    except ImportError as error:  # the lent GPU machine has no matplotlib: keep every measurement
+        print(f"[bench] no plot ({error}); the JSON and Markdown are complete without it")
+        del paths["plot"]
     save_samples(samples, paths["samples"])
     result.meta["files"] = {k: os.path.basename(p) for k, p in paths.items()}
     with open(paths["json"], "w") as handle:
         json.dump(to_jsonable(result), handle, indent=1, allow_nan=False)
-    text = markdown(result, os.path.basename(paths["plot"]), os.path.basename(paths["samples"]))
+    plot_name = os.path.basename(paths["plot"]) if "plot" in paths else None
+    text = markdown(result, plot_name, os.path.basename(paths["samples"]))
     with open(paths["markdown"], "w") as handle:
         handle.write(text)
     paths["latest_markdown"] = os.path.join(out, f"latest-{preset}.md")
