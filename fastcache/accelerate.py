@@ -312,6 +312,9 @@ class FastCache:
         fingerprint = model_fingerprint(self.unet)
         if fingerprint == self._fingerprint:
             return
+        if self.unet.device != self._device:  # pipe.to(another device): new storage, new device
+            self._move_to(self.unet.device)
+            return
         logger.info(
             "the U-Net's modules, adapters or weight storage changed since fastcache built its graphs "
             "(load_lora_weights, fuse_lora, set_adapters with other adapters, ...): preparing them again"
