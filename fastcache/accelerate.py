@@ -39,15 +39,13 @@ from .errors import (
 )
 from .graphs import GraphRunner
 from .lora import LoraScales, model_fingerprint
-from .runtime import CompiledFunctions, CompiledRunner, EagerRunner, Runner, StepInputs, describe_key
+from .patching import InstancePatch
+from .runtime import CompiledFunctions, CompiledRunner, EagerRunner, Runner, StepInputs, compile_kwargs, describe_key
 from .schedule import ExplicitSchedule, UniformSchedule
-from .side_models import CompileFailure, SideModels, side_compile_options
-from .unet_split import UNetSplit
+from .side_models import CompileFailure, SideModels
+from .unet_split import ADDED_COND_KWARGS, UNetSplit
 
 logger = logging.getLogger("fastcache")
-
-# added_cond_kwargs a split understands: SDXL's conditions and IP-Adapter's image embeddings.
-_ADDED_COND_KWARGS = frozenset({"text_embeds", "time_ids", "image_embeds"})
 
 
 @dataclass
@@ -110,12 +108,16 @@ def _accelerated_class(base: type, handle: "FastCache") -> type:
     return type(base.__name__, (base,), namespace)
 
 
+def _compile_kwargs(config: FastCacheConfig) -> dict[str, Any]:
+    return compile_kwargs(config.compile_backend, config.compile_mode, dict(config.compile_options))
+
+
 def _make_runner(split: UNetSplit, config: FastCacheConfig, device: torch.device) -> Runner:
     use_graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
     if use_graphs and device.type != "cuda":
         raise InvalidConfigError(f"cuda_graphs=True needs the U-Net on a CUDA device; it is on {device}")
     compiled = (
-        CompiledFunctions(split, config.compile_backend, config.strict, config.compile_mode, dict(config.compile_options))
+        CompiledFunctions(split, _compile_kwargs(config), config.strict)
         if config.compile
         else None
     )
@@ -165,21 +167,20 @@ class FastCache:
         self._fingerprint = model_fingerprint(unet)
         self._compilations_before = 0
         self._original_class = type(pipe)
-        self._previous_forward = previous_forward  # an instance attribute left by another tool, or None
+        self._unet_patch = InstancePatch(unet, "forward", self._unet_forward)  # keeps another tool's forward
         self._seen_keys: set[Hashable] = set()
         self._in_pipeline_call = False
         self._warned_outside_call = False
         # Validates (raises InvalidConfigError) before anything is changed; installs in the try.
         self._controlnet_reuse = ControlNetReuse(pipe, self._dispatcher) if config.controlnet_reuse else None
         self._side_models = (
-            SideModels(pipe, config.compile_vae, config.compile_text_encoders, side_compile_options(
-                config.compile_backend, config.compile_mode, dict(config.compile_options)))
+            SideModels(pipe, config.compile_vae, config.compile_text_encoders, _compile_kwargs(config))
             if config.compile_vae or config.compile_text_encoders
             else None
         )
         self.enabled = False
         try:
-            unet.forward = self._unet_forward
+            self._unet_patch.apply()
             if self._controlnet_reuse is not None:
                 self._controlnet_reuse.install()
             if self._side_models is not None:
@@ -277,11 +278,7 @@ class FastCache:
             raise RuntimeError("this fastcache handle is disabled; call fastcache.accelerate(pipe) again")
 
     def _uninstall(self) -> None:
-        if vars(self.unet).get("forward") == self._unet_forward:
-            if self._previous_forward is None:
-                del self.unet.forward
-            else:
-                self.unet.forward = self._previous_forward
+        self._unet_patch.undo()
         if getattr(type(self.pipe), "_fastcache_handle", None) is self:
             self.pipe.__class__ = self._original_class
         if self._controlnet_reuse is not None:
@@ -374,9 +371,9 @@ class FastCache:
             )
             if value is not None and not (isinstance(value, Mapping) and not value)
         ]
-        extra = set(added_cond_kwargs or {}) - _ADDED_COND_KWARGS
+        extra = set(added_cond_kwargs or {}) - set(ADDED_COND_KWARGS)
         if extra:
-            unsupported.append(f"added_cond_kwargs {sorted(extra)} (supported: {sorted(_ADDED_COND_KWARGS)})")
+            unsupported.append(f"added_cond_kwargs {sorted(extra)} (supported: {sorted(ADDED_COND_KWARGS)})")
         if not torch.is_tensor(encoder_hidden_states):
             unsupported.append(f"encoder_hidden_states of type {type(encoder_hidden_states).__name__}")
         if unsupported:

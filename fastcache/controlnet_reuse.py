@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidConfigError, UnsupportedInputError
+from .patching import InstancePatch
 from .runtime import StepInputs
 
 logger = logging.getLogger("fastcache")
@@ -170,7 +171,7 @@ class ControlNetReuse:
         self.pipe = pipe
         self.controlnet = controlnet
         self._dispatcher = dispatcher
-        self._previous_forward = vars(controlnet).get("forward")  # another tool's instance attribute, or None
+        self._patch = InstancePatch(controlnet, "forward", self._forward)
         self._run_controlnet = controlnet.forward  # what runs it: the class's forward or that attribute
         # Arguments are named by the class's forward (a wrapper's may be just *args, **kwargs).
         self._signature = inspect.signature(type(controlnet).forward.__get__(controlnet))
@@ -182,16 +183,12 @@ class ControlNetReuse:
 
     # -- install / restore -----------------------------------------------------------------------
     def install(self) -> None:
-        self.controlnet.forward = self._forward
+        self._patch.apply()
         self.installed = True
 
     def uninstall(self) -> None:
         """Restore ``controlnet.forward`` exactly and drop stored residuals."""
-        if vars(self.controlnet).get("forward") == self._forward:
-            if self._previous_forward is None:
-                del self.controlnet.forward
-            else:
-                self.controlnet.forward = self._previous_forward
+        self._patch.undo()
         self._stored = None
         self._pending = None
         self.installed = False

@@ -179,6 +179,17 @@ class EagerRunner(Runner):
         self._kept = None
 
 
+def compile_kwargs(backend: str, mode: str | None = None, inductor_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """torch.compile's arguments for every fastcache graph: whole graphs, static shapes (one graph
+    per input shape), the configured backend and its mode or inductor options."""
+    kwargs: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=backend)
+    if mode is not None:
+        kwargs["mode"] = mode
+    if inductor_options:
+        kwargs["options"] = dict(inductor_options)
+    return kwargs
+
+
 class CompiledFunctions:
     """``torch.compile`` of a split's two functions, with per-shape-key bookkeeping.
 
@@ -188,15 +199,8 @@ class CompiledFunctions:
     raises: a U-Net never drops to eager silently.
     """
 
-    def __init__(
-        self, split: UNetSplit, backend: str, strict: bool, mode: str | None = None,
-        inductor_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        options: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=backend)
-        if mode is not None:
-            options["mode"] = mode
-        if inductor_options:
-            options["options"] = dict(inductor_options)
+    def __init__(self, split: UNetSplit, options: Mapping[str, Any], strict: bool) -> None:
+        """`options`: torch.compile's keyword arguments (`compile_kwargs`)."""
         self.functions: dict[str, Callable[..., Any]] = {
             "full": torch.compile(split.full, **options),
             "shallow": torch.compile(split.shallow, **options),

@@ -18,6 +18,7 @@ from typing import Any, Hashable
 import torch
 
 from .errors import InvalidConfigError
+from .patching import InstancePatch
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -45,10 +46,10 @@ class CompiledMethod:
     """One model method replaced by its compiled self, remembering which input shapes ran."""
 
     def __init__(self, owner: Any, name: str, label: str, compile_options: dict[str, Any]) -> None:
-        self.owner, self.name, self.label = owner, name, label
-        self._previous = vars(owner).get(name)  # an instance attribute another tool left, or None
+        self.label = label
         self._compiled = torch.compile(getattr(owner, name), **compile_options)
         self.shapes: set[Hashable] = set()
+        self.patch = InstancePatch(owner, name, self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = _shape_key(args, kwargs)
@@ -61,16 +62,6 @@ class CompiledMethod:
         self.shapes.add(key)
         return result
 
-    def install(self) -> None:
-        setattr(self.owner, self.name, self)
-
-    def uninstall(self) -> None:
-        if vars(self.owner).get(self.name) is not self:
-            return
-        if self._previous is None:
-            delattr(self.owner, self.name)
-        else:
-            setattr(self.owner, self.name, self._previous)
 
 
 class SideModels:
@@ -93,23 +84,12 @@ class SideModels:
 
     def install(self) -> None:
         for method in self.methods:
-            method.install()
+            method.patch.apply()
 
     def uninstall(self) -> None:
         for method in reversed(self.methods):
-            method.uninstall()
+            method.patch.undo()
 
     @property
     def compiled_shapes(self) -> dict[str, int]:
         return {method.label: len(method.shapes) for method in self.methods}
-
-
-def side_compile_options(backend: str, mode: str | None, options: dict[str, Any]) -> dict[str, Any]:
-    """torch.compile arguments for the side models: the U-Net graphs' settings, static shapes."""
-    result: dict[str, Any] = dict(backend=backend, dynamic=False, fullgraph=True)
-    if mode is not None:
-        result["mode"] = mode
-    if options:
-        result["options"] = dict(options)
-    return result
-

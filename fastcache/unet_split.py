@@ -30,6 +30,8 @@ from .errors import InvalidConfigError, UnsupportedPipelineError
 # residuals (``down_residuals``: a tuple with one tensor per skip connection, ``mid_residual``),
 # and IP-Adapter image embeddings (``image_embeds``: a tuple with one tensor per adapter).
 ADDED_CONDITIONS = ("text_embeds", "time_ids", "timestep_cond", "down_residuals", "mid_residual", "image_embeds")
+# The ones that arrive in the U-Net call's ``added_cond_kwargs`` (the others have arguments of their own).
+ADDED_COND_KWARGS = ("text_embeds", "time_ids", "image_embeds")
 # The one kind of encoder_hid_proj a split supports: IP-Adapter's image projection, which turns
 # the text context into a (text, [image tokens per adapter]) tuple for the attention processors.
 IP_ADAPTER_PROJECTION = "ip_image_proj"
