@@ -15,16 +15,19 @@ storage): `model_fingerprint` changes, and the handle prepares its graphs again.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from typing import Any, Iterator
 
 import torch
 
+from .runtime import host_tensor
+
 
 def is_lora_layer(module: Any) -> bool:
     """A PEFT tuner layer with per-adapter scales (LoRA's Linear/Conv2d wrappers)."""
-    scaling = getattr(module, "scaling", None)
-    return isinstance(scaling, dict) and hasattr(module, "lora_A") and hasattr(module, "active_adapters")
+    # Read from the instance dict: ``getattr`` on a Module that lacks the attribute goes through
+    # ``Module.__getattr__`` and an exception, which is most of a fingerprint's cost.
+    scaling = module.__dict__.get("scaling")
+    return isinstance(scaling, dict) and "lora_A" in module._modules and hasattr(module, "active_adapters")
 
 
 def lora_layers(model: torch.nn.Module) -> list[Any]:
@@ -38,23 +41,35 @@ def model_fingerprint(model: torch.nn.Module) -> int:
     attention processor, IP-Adapter image scales (baked into graphs as constants), each LoRA
     layer's active/merged/disabled adapters (fuse, unfuse, set_adapters with other names,
     enable/disable_lora), and the storage of every parameter and buffer (CUDA Graphs replay fixed
-    addresses; weights copied in place keep them, new tensors do not). One pass over the modules,
-    once per pipeline call.
+    addresses; weights copied in place keep them, new tensors do not).
+
+    One pass over the modules per pipeline call (and per `reset()` of a custom loop), so it walks
+    ``_modules`` directly: ``Module.modules()`` builds every module's dotted name on the way.
     """
     parts: list[Any] = []
     append = parts.append
-    for module in model.modules():
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:  # a module shared in two places counts once, as in modules()
+            continue
+        seen.add(id(module))
+        state = module.__dict__
+        children = state["_modules"]
         append(id(module))
-        for tensor in itertools.chain(module._parameters.values(), module._buffers.values()):
-            if tensor is not None:
-                append(tensor.data_ptr())
+        for tensors in (state["_parameters"], state["_buffers"]):
+            for tensor in tensors.values():
+                if tensor is not None:
+                    append(tensor.data_ptr())
         # Attention processors are plain objects or, IP-Adapter's, sub-modules (set_attn_processor
         # and load_ip_adapter swap them); IP-Adapter's keep image scales as floats (set_ip_adapter_scale).
-        processor = module.__dict__.get("processor") or module._modules.get("processor")
+        processor = state.get("processor") or children.get("processor")
         if processor is not None:
             append((id(processor), repr(getattr(processor, "scale", None))))
-        if is_lora_layer(module):
+        if "scaling" in state and is_lora_layer(module):
             append((tuple(module.active_adapters), tuple(module.merged_adapters), bool(module.disable_adapters)))
+        stack.extend(child for child in reversed(children.values()) if child is not None)
     return hash(tuple(parts))
 
 
@@ -80,7 +95,8 @@ class LoraScales:
         """PEFT's scales times `lora_scale` (``cross_attention_kwargs["scale"]``) in the buffer,
         and the buffer's views in PEFT's dicts, for the duration of one U-Net run.
 
-        The upload is one host-to-device copy, done only when a value changed since the last run.
+        The upload is one asynchronous host-to-device copy, done only when a value changed since
+        the last run: it never waits for the GPU.
         """
         if not self.entries:
             yield
@@ -88,7 +104,7 @@ class LoraScales:
         own = [layer.scaling[adapter] for layer, adapter in self.entries]
         values = tuple(float(value) * lora_scale for value in own)
         if values != self._uploaded:
-            self.buffer.copy_(torch.tensor(values, dtype=torch.float32))
+            self.buffer.copy_(host_tensor(values, self.buffer.device), non_blocking=True)
             self._uploaded = values
         for (layer, adapter), view in zip(self.entries, self._views):
             layer.scaling[adapter] = view

@@ -28,12 +28,25 @@ from .unet_split import ADDED_CONDITIONS, UNetSplit
 RECOMPILE_LIMIT = 64
 
 
+def host_tensor(values: Any, device: torch.device) -> torch.Tensor:
+    """`values` as a float32 host tensor that copies to `device` without a host-device sync.
+
+    A copy from pageable host memory to a CUDA device waits for the stream to drain; one from
+    pinned memory with ``non_blocking=True`` does not, and torch's pinned-memory allocator keeps
+    the block alive until the copy has run, so the tensor may be dropped at once.
+    """
+    tensor = torch.tensor(values, dtype=torch.float32)
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
 @dataclass
 class StepInputs:
     """The tensors of one U-Net call, normalised so that equal shape keys trace the same graph.
 
     The timestep becomes a ``(batch,)`` float32 tensor on the sample's device (diffusers' time
-    projection casts it to float32 anyway, so values are unchanged), built without a host sync.
+    projection casts it to float32 anyway, so values are unchanged), built without a host-device
+    sync: a device timestep stays on the device, a Python number or CPU tensor is written there
+    from the host (never a pageable copy, which would wait for the GPU).
     """
 
     sample: Tensor
@@ -52,11 +65,16 @@ class StepInputs:
         down_residuals: Sequence[Tensor] | None = None,
         mid_residual: Tensor | None = None,
     ) -> "StepInputs":
-        batch = sample.shape[0]
+        batch, device = sample.shape[0], sample.device
+        if torch.is_tensor(timestep) and timestep.device != device and timestep.device.type == "cpu":
+            if timestep.numel() == 1:
+                timestep = float(timestep)  # a host value: read on the host, filled on the device
+            else:  # pinned, so that the copy does not wait for the GPU (host_tensor)
+                timestep = host_tensor(timestep.reshape(-1).tolist(), device).to(device, non_blocking=True)
         if torch.is_tensor(timestep):
-            timestep = timestep.to(device=sample.device, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
+            timestep = timestep.to(device=device, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
         else:
-            timestep = torch.full((batch,), float(timestep), dtype=torch.float32, device=sample.device)
+            timestep = torch.full((batch,), float(timestep), dtype=torch.float32, device=device)
         added = {
             name: tuple(value) if isinstance(value, list) else value
             for name, value in (added_cond_kwargs or {}).items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from types import SimpleNamespace
 
@@ -229,6 +230,39 @@ def test_calls_outside_the_pipeline_warn_once(sd_pipe, caplog):
             for _ in range(3):
                 sd_pipe.unet(torch.zeros(2, 4, 16, 16), 10, torch.zeros(2, 77, 32))
         assert caplog.text == "" and handle.stats.last_call == [True, False, True]
+
+
+def test_custom_loops_check_the_model_every_call_until_reset_then_at_reset(sd_pipe, monkeypatch):
+    """A model change (here a weight given new storage) is noticed by the next direct U-Net call
+    of a loop that never called reset(); once reset() is used, it is noticed there and the
+    per-call fingerprint (0.6 ms for SD 1.5's U-Net) leaves the steps."""
+    accelerate_module = importlib.import_module("fastcache.accelerate")  # the package re-exports the function
+    checks: list[int] = []
+    fingerprint = accelerate_module.model_fingerprint
+    monkeypatch.setattr(accelerate_module, "model_fingerprint", lambda model: checks.append(1) or fingerprint(model))
+    weight = sd_pipe.unet.conv_out.weight
+    original = weight.data
+    args = (torch.zeros(2, 4, 16, 16), 10, torch.zeros(2, 77, 32))
+    try:
+        with accelerated(sd_pipe, cache_interval=2, compile=False) as handle:
+            runner = handle._runner
+            weight.data = original.clone()
+            sd_pipe.unet(*args)
+            assert handle._runner is not runner, "an unmanaged loop must notice the new storage at once"
+            handle.reset()
+            checks.clear()
+            for _ in range(3):
+                sd_pipe.unet(*args)
+            assert checks == [], "after reset(), direct calls must not fingerprint the model"
+            runner = handle._runner
+            weight.data = original.clone()
+            handle.reset()
+            assert handle._runner is not runner, "reset() must notice the new storage"
+            refreshes = handle.stats.refresh_steps
+            sd_pipe.unet(*args)
+            assert handle.stats.refresh_steps == refreshes + 1, "the first call after reset() refreshes"
+    finally:
+        weight.data = original
 
 
 def test_runtime_names_the_runner(sd_pipe):
