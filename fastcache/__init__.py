@@ -15,6 +15,7 @@ from .accelerate import CallStats, FastCache, WarmupReport
 from .compat import DeepCacheSDHelper
 from .compile_cache import CompileCacheReport, load_compile_cache, save_compile_cache
 from .config import FastCacheConfig
+from .runtime import MemoryReport
 from .errors import (
     AlreadyAcceleratedError,
     CompileCacheError,
@@ -80,6 +81,7 @@ __all__ = [
     "DeepCacheSDHelper",
     "CallStats",
     "WarmupReport",
+    "MemoryReport",
     "FastCacheError",
     "UnsupportedPipelineError",
     "InvalidConfigError",

@@ -40,7 +40,16 @@ from .errors import (
 from .graphs import GraphRunner
 from .lora import LoraScales, model_fingerprint
 from .patching import InstancePatch
-from .runtime import CompiledFunctions, CompiledRunner, EagerRunner, Runner, StepInputs, compile_kwargs, describe_key
+from .runtime import (
+    CompiledFunctions,
+    CompiledRunner,
+    EagerRunner,
+    MemoryReport,
+    Runner,
+    StepInputs,
+    compile_kwargs,
+    describe_key,
+)
 from .schedule import ExplicitSchedule, UniformSchedule
 from .side_models import CompileFailure, SideModels
 from .unet_split import ADDED_COND_KWARGS, UNetSplit
@@ -252,6 +261,11 @@ class FastCache:
             )
         new = tuple(describe_key(key) for key in self._seen_keys - known)
         return WarmupReport(time.perf_counter() - start, new, self.compilations - before)
+
+    def memory(self) -> MemoryReport:
+        """Device memory fastcache holds between calls beyond the pipeline's own (bytes): static
+        input and output buffers, kept features, and on CUDA the graphs' shared memory pool."""
+        return self._runner.memory()
 
     @property
     def runtime(self) -> str:

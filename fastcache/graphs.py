@@ -4,7 +4,8 @@ For each shape key: static input buffers (cloned from the first call), the full 
 outputs are the noise buffer and the *kept* buffer, both allocated once at capture), and the
 shallow graph, captured reading that same kept buffer. A refresh replay rewrites the kept buffer in
 place, so a cached replay reads the features of the latest refresh with no copy. Every graph of
-every shape shares one memory pool. Replay is: copy inputs into the static buffers, replay,
+every shape shares one memory pool, and every warm-up before a capture runs on one side stream.
+Replay is: copy inputs into the static buffers, replay,
 return a clone of the output (the clone belongs to the caller; the static buffer is overwritten
 by the next replay).
 
@@ -19,7 +20,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import Tensor
 
-from .runtime import CompiledFunctions, Runner, StepInputs, not_warmed_error
+from .runtime import CompiledFunctions, MemoryReport, Runner, StepInputs, not_warmed_error, tensor_bytes
 from .unet_split import UNetSplit
 
 # Runs of each function on a side stream before capture: the first compiles and autotunes, the
@@ -29,6 +30,11 @@ WARMUP_RUNS = 2
 
 def _as_tuple(value: Any) -> tuple[Tensor, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def graph_pool_bytes(segments: list[dict[str, Any]], pool: Any) -> int:
+    """Bytes of the allocator segments (``torch.cuda.memory_snapshot()``) owned by `pool`."""
+    return sum(int(segment["total_size"]) for segment in segments if tuple(segment["segment_pool_id"]) == tuple(pool))
 
 
 class CapturedFunction:
@@ -57,14 +63,14 @@ class ShapeGraphs:
 
     def __init__(self, inputs: StepInputs) -> None:
         self.static = inputs.clone()
-        self._static_tensors = self.static.tensors()
+        self.static_tensors = self.static.tensors()
         self.full: CapturedFunction | None = None
         self.shallow: CapturedFunction | None = None
 
     def load(self, inputs: StepInputs) -> None:
         """Copy this call's inputs into the static buffers (device copies, no sync)."""
         for name, tensor in inputs.tensors().items():
-            self._static_tensors[name].copy_(tensor)
+            self.static_tensors[name].copy_(tensor)
 
     @property
     def kept(self) -> Tensor:
@@ -85,7 +91,8 @@ class GraphRunner(Runner):
         self.allow_new_shapes = not strict
         self.captures = 0
         self._shapes: dict[Hashable, ShapeGraphs] = {}
-        self._pool: Any = None
+        self._pool: Any = None  # one graph memory pool for every capture (CUDA only)
+        self._side_stream: Any = None  # one stream for every pre-capture warm-up (CUDA only)
 
     # -- Runner interface ------------------------------------------------------------------------
     def is_prepared(self, key: Hashable, refresh: bool) -> bool:
@@ -113,6 +120,24 @@ class GraphRunner(Runner):
     def release(self) -> None:
         self._shapes.clear()
         self._pool = None
+        self._side_stream = None
+
+    def memory(self) -> MemoryReport:
+        """Static buffers of every shape, and on CUDA the graph pool's segments. The graphs'
+        outputs and kept features are allocated inside the pool during capture, so on CUDA they
+        are part of `graph_pool` (counted there, not again in `total`)."""
+        inputs = outputs = kept = 0
+        for graphs in self._shapes.values():
+            inputs += tensor_bytes(graphs.static_tensors.values())
+            if graphs.full is not None:
+                outputs += tensor_bytes(_as_tuple(graphs.full.outputs)[:1])
+                kept += tensor_bytes([graphs.kept])
+            if graphs.shallow is not None:
+                outputs += tensor_bytes(_as_tuple(graphs.shallow.outputs))
+        if self._pool is None:
+            return MemoryReport(len(self._shapes), inputs, outputs, kept, None)
+        pool = graph_pool_bytes(torch.cuda.memory_snapshot(), self._pool)
+        return MemoryReport(len(self._shapes), inputs, outputs, kept, pool)
 
     @property
     def compilations(self) -> int:
@@ -128,7 +153,10 @@ class GraphRunner(Runner):
         if not self.emulate:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            stream = torch.cuda.Stream()
+                # One side stream: the allocator caches blocks per stream, so a new stream per
+                # capture would strand each warm-up's blocks on a stream nothing uses again.
+                self._side_stream = torch.cuda.Stream()
+            stream = self._side_stream
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(WARMUP_RUNS):

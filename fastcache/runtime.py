@@ -142,6 +142,40 @@ def not_warmed_error(key: Hashable, which: str, warmed: Iterable[Hashable]) -> S
     )
 
 
+def tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    storages: dict[int, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Device memory a runner holds between U-Net calls, in bytes, over every prepared shape.
+
+    Eager diffusers holds none of this between calls; it is what fastcache costs on top of the
+    pipeline's weights, next to the activations each call allocates and frees (which the CUDA Graph
+    pool keeps instead: ``graph_pool``).
+    """
+
+    shapes: int  # shape keys with buffers
+    static_inputs: int  # CUDA Graph input buffers (the call's inputs are copied in)
+    static_outputs: int  # CUDA Graph noise outputs (copied out to the caller at every call)
+    kept_features: int  # the features a refresh keeps for the cached steps
+    # Segments of the CUDA Graphs' private memory pool, shared by every captured graph: their
+    # intermediate activations, and the outputs and kept features above, which capture allocates
+    # there. None where no CUDA Graph is captured.
+    graph_pool: int | None
+
+    @property
+    def total(self) -> int:
+        if self.graph_pool is not None:  # the outputs and kept features live inside the pool
+            return self.static_inputs + self.graph_pool
+        return self.static_inputs + self.static_outputs + self.kept_features
+
+
 class Runner:
     """Executes a split: ``refresh`` (full, keeps features) or ``cached`` (shallow) per call.
 
@@ -153,6 +187,8 @@ class Runner:
         # Keys that may be prepared even when new shapes are not allowed: those a previous runner
         # served before the model changed (accelerate.py's _rebuild).
         self.rewarm_keys: frozenset[Hashable] = frozenset()
+        # Eager and compiled runners: the features of the latest refresh (owned by the runner).
+        self._kept: Tensor | None = None
 
     def may_prepare(self, key: Hashable) -> bool:
         """Whether `key` may be compiled or captured now (strict serving refuses unwarmed shapes)."""
@@ -176,6 +212,11 @@ class Runner:
     def release(self) -> None:
         """Drop kept features, graphs and buffers."""
 
+    def memory(self) -> MemoryReport:
+        """What this runner holds between calls (here: the kept features of the latest refresh)."""
+        kept = [self._kept] if self._kept is not None else []
+        return MemoryReport(len(kept), 0, 0, tensor_bytes(kept), None)
+
 
 class EagerRunner(Runner):
     """Runs the split eagerly: the exact reference for every other runner."""
@@ -183,7 +224,6 @@ class EagerRunner(Runner):
     def __init__(self, split: UNetSplit) -> None:
         super().__init__()
         self.split = split
-        self._kept: Tensor | None = None
 
     def refresh(self, key: Hashable, inputs: StepInputs) -> Tensor:
         noise, self._kept = self.split.full(*inputs.args())
@@ -262,7 +302,6 @@ class CompiledRunner(Runner):
         super().__init__()
         self.compiled = compiled
         self.allow_new_shapes = not compiled.strict
-        self._kept: Tensor | None = None
 
     def is_prepared(self, key: Hashable, refresh: bool) -> bool:
         return self.compiled.is_compiled("full" if refresh else "shallow", key)

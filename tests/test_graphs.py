@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import fastcache
+from fastcache.graphs import graph_pool_bytes
+from fastcache.runtime import MemoryReport
 from fastcache.tiny import tiny_sd_pipeline
 
 from .helpers import accelerated, assert_close_relative, deepcache_latents, latents, max_diff
@@ -59,6 +61,48 @@ def test_emulated_graphs_match_deepcache(sd_pipe, compile):
     with accelerated(sd_pipe, cache_interval=3, compile=compile, emulate_graphs=True):
         actual = latents(sd_pipe)
     assert_close_relative(actual, expected, 1e-5)
+
+
+def test_memory_report_counts_every_buffer_the_runner_holds(sd_pipe):
+    """Bytes of the static inputs (latents, timestep, text embeddings), both graphs' outputs and
+    the kept features, per shape: tiny SD with CFG runs the U-Net at batch 2 in fp32."""
+    expected_kept = {}
+    with accelerated(sd_pipe, cache_interval=2, compile=False) as handle:
+        for size in (128, 64):
+            latents(sd_pipe, steps=4, height=size, width=size)
+            eager = handle.memory()
+            expected_kept[size] = handle._runner._kept.numel() * 4
+            assert eager == MemoryReport(1, 0, 0, expected_kept[size], None), "eager: the latest kept features only"
+    with accelerated(sd_pipe, cache_interval=2, compile=False, emulate_graphs=True) as handle:
+        reports = []
+        for size in (128, 64):
+            latents(sd_pipe, steps=4, height=size, width=size)
+            reports.append(handle.memory())
+    fp32, text = 4, 2 * 77 * 32
+    per_shape = {
+        size: (
+            (2 * 4 * (size // 8) ** 2 + 2 + text) * fp32,  # inputs: latents, timesteps, text
+            2 * (2 * 4 * (size // 8) ** 2) * fp32,  # outputs: the full and the shallow graph's noise
+            expected_kept[size],
+        )
+        for size in (128, 64)
+    }
+    first = MemoryReport(1, *per_shape[128], None)
+    both = MemoryReport(2, *(a + b for a, b in zip(per_shape[128], per_shape[64])), None)
+    assert reports == [first, both]
+    assert both.total == sum(per_shape[128]) + sum(per_shape[64])
+
+
+def test_graph_pool_bytes_counts_only_the_pools_segments():
+    segments = [
+        dict(total_size=2 << 20, segment_pool_id=(0, 0)),  # the default pool
+        dict(total_size=20 << 20, segment_pool_id=(1, 3)),
+        dict(total_size=2 << 20, segment_pool_id=(1, 3)),
+        dict(total_size=8 << 20, segment_pool_id=(1, 4)),  # another tool's graphs
+    ]
+    assert graph_pool_bytes(segments, (1, 3)) == 22 << 20
+    report = MemoryReport(1, static_inputs=100, static_outputs=10, kept_features=20, graph_pool=1000)
+    assert report.total == 1100, "outputs and kept features live inside the pool"
 
 
 # -- CUDA --------------------------------------------------------------------------------------
@@ -113,3 +157,28 @@ def test_cuda_graph_replays_allocate_no_new_memory(cuda_pipe):
         assert torch.cuda.memory_reserved() == reserved
         assert torch.cuda.memory_stats()["segment.all.allocated"] == segments
         assert torch.cuda.memory_allocated() == allocated
+
+
+@cuda
+@pytest.mark.covers("StableDiffusionPipeline", "CUDA Graphs", cuda_only=True)
+@torch.no_grad()
+def test_cuda_graphs_of_every_shape_share_one_pool(cuda_pipe):
+    """Both graphs of a shape and every warmed shape are captured into one private pool; its
+    segments hold the outputs and kept features, and are all fastcache adds besides the inputs."""
+    def pools() -> set[tuple[int, int]]:
+        return {tuple(segment["segment_pool_id"]) for segment in torch.cuda.memory_snapshot()}
+
+    before = pools()
+    with accelerated(cuda_pipe, cache_interval=2) as handle:
+        handle.warmup(height=128, width=128)
+        one = handle.memory()
+        handle.warmup(height=64, width=64)
+        two = handle.memory()
+        runner = handle._runner
+        assert runner.captures == 4 and two.shapes == 2
+        new_pools = pools() - before
+        assert new_pools == {tuple(runner._pool)}, f"pools this handle's captures created: {new_pools}"
+        assert one.graph_pool is not None and 0 < one.graph_pool <= two.graph_pool
+        assert two.graph_pool >= two.static_outputs + two.kept_features
+        assert two.total <= torch.cuda.memory_reserved()
+        print(f"fastcache memory, tiny SD fp16, 128 and 64 px, batch 2: {two}")
