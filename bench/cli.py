@@ -245,7 +245,15 @@ def main(argv: list[str] | None = None) -> int:
 
     add_warm_restart_arguments(commands.add_parser(
         "warm-restart", help="seconds to the first image: cold, restart with the cache dir, restart from a cache file"))
+    from .host_overhead import add_arguments as add_host_overhead_arguments
+
+    add_host_overhead_arguments(commands.add_parser(
+        "host-overhead", help="host time fastcache adds per U-Net call and pipeline call (no device work)"))
     args = parser.parse_args(argv)
+    if args.command == "host-overhead":
+        from .host_overhead import main as host_overhead_main
+
+        return host_overhead_main(args, argv)
     if args.command == "restart-probe":
         from .restart import probe_main
 

@@ -12,6 +12,7 @@ so step times are classified by what actually ran, not by what the schedule shou
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,10 @@ class Method:
         """Refresh (True) or cached (False) per U-Net call of the latest pipeline call, where known."""
         return None
 
+    def memory_details(self) -> dict[str, Any]:
+        """Memory the method says it holds itself, for the results' details (while enabled)."""
+        return {}
+
 
 class Eager(Method):
     kind = "eager"
@@ -222,6 +227,11 @@ class FastCache(Method):
 
     def refresh_pattern(self) -> list[bool] | None:
         return list(self.handle.stats.last_call)
+
+    def memory_details(self) -> dict[str, Any]:
+        """``handle.memory()``: static buffers, kept features, and on CUDA the graph pool (bytes)."""
+        report = self.handle.memory()
+        return {"fastcache_memory": dict(dataclasses.asdict(report), total=report.total)}
 
     def last_call_kind(self) -> str:
         """Classified by which of fastcache's counters moved during the call."""

@@ -116,15 +116,18 @@ def restart_table(result: BenchResult) -> list[str]:
 
 
 def step_table(result: BenchResult) -> list[str]:
+    """Wall time per step kind, and the host's share: a host median near the wall median means
+    the step is bound by issuing it, not by the GPU running it."""
     header = ["resolution, batch", "method", "full U-Net call s", "refresh step s", "cached step s",
-              "calls (full/refresh/cached)"]
+              "host s (full/refresh/cached medians)", "calls (full/refresh/cached)"]
     rows = []
     for shape in result.shapes:
         for m in shape.methods:
             st = m.steps
             counts = "/".join(str(sum(1 for k in st.pattern if k == kind)) for kind in ("full", "refresh", "cached"))
+            host = "/".join(_s(h.median) if h is not None else "-" for h in (st.full_host, st.refresh_host, st.cached_host))
             rows.append([shape.label, m.label, _stats_cell(st.full), _stats_cell(st.refresh), _stats_cell(st.cached),
-                         counts])
+                         host, counts])
     return _table(header, rows)
 
 
@@ -157,19 +160,29 @@ def floor_table(result: BenchResult) -> list[str]:
 
 
 def memory_lines(result: BenchResult) -> list[str]:
-    measured = [m for s in result.shapes for m in s.methods if m.peak_memory_bytes is not None]
+    """Peak memory per method and its extra over eager. Compared by reserved bytes: a CUDA Graph
+    replay allocates nothing (its activations sit in the graph pool, reserved but not allocated),
+    so allocated peaks would hide what fastcache's graphs hold."""
+    measured = [m for s in result.shapes for m in s.methods if m.peak_reserved_bytes is not None]
     if not measured:
         notes = {m.peak_memory_note for s in result.shapes for m in s.methods if m.peak_memory_note}
         return [f"Peak device memory: {'; '.join(sorted(notes))}. Recorded as null in the JSON."]
-    header = ["resolution, batch", "method", "peak allocated MiB (timed runs)", "vs eager"]
+    header = ["resolution, batch", "method", "peak reserved MiB", "vs eager", "peak allocated MiB",
+              "fastcache's buffers + graph pool MiB"]
     rows = []
     for s in result.shapes:
-        eager = next((m.peak_memory_bytes for m in s.methods if m.method == "eager"), None)
+        eager = next((m.peak_reserved_bytes for m in s.methods if m.method == "eager"), None)
         for m in s.methods:
-            peak = m.peak_memory_bytes
+            peak = m.peak_reserved_bytes
             extra = "-" if peak is None or not eager else f"{(peak - eager) / eager:+.1%}"
-            rows.append([s.label, m.label, "-" if peak is None else f"{peak / 2**20:.0f}", extra])
+            own = (m.details or {}).get("fastcache_memory")
+            rows.append([s.label, m.label, _mib(peak), extra, _mib(m.peak_allocated_bytes),
+                         "-" if own is None else _mib(own["total"])])
     return _table(header, rows)
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
 
 
 def quality_table(result: BenchResult) -> list[str]:

@@ -25,13 +25,21 @@ class Quality:
 
 @dataclass
 class StepTimes:
-    """Seconds per direct U-Net call, by what the call ran (full U-Net, refresh, cached)."""
+    """Seconds per direct U-Net call, by what the call ran (full U-Net, refresh, cached).
+
+    Wall time runs from an idle device to the call's work finished; host time until the call
+    returned to Python (on CUDA, work queued but not necessarily run). Host close to wall means
+    the step is bound by the host issuing it, and a loop of such steps leaves the GPU waiting.
+    """
 
     full: TimingStats | None = None
     refresh: TimingStats | None = None
     cached: TimingStats | None = None
     pattern: list[str] = field(default_factory=list)  # kind of every timed call, in order
     note: str | None = None
+    full_host: TimingStats | None = None
+    refresh_host: TimingStats | None = None
+    cached_host: TimingStats | None = None
 
 
 @dataclass
@@ -48,7 +56,11 @@ class MethodResult:
     end_to_end: TimingStats
     denoise: TimingStats
     steps: StepTimes
-    peak_memory_bytes: int | None
+    # Over the timed runs (CUDA; None with the note elsewhere). Reserved is what the process holds
+    # from the GPU, CUDA Graph pools included; allocated misses a graph's activations (a replay
+    # allocates nothing), so methods are compared by reserved.
+    peak_reserved_bytes: int | None
+    peak_allocated_bytes: int | None
     peak_memory_note: str | None
     restored: bool  # the pipeline had its original class and no patched forward after disable()
     outputs_finite: bool  # no NaN/inf in the images and latents (random fp16 weights could overflow)

@@ -2,10 +2,10 @@
 
 Per method and shape, in this order:
 
-1. ``enable`` (fastcache: accelerate + warmup) and the first end-to-end call: time to first image,
-   reported apart and never part of the timed runs;
-2. ``runs`` timed end-to-end calls, then ``runs`` timed denoising-loop calls (peak CUDA memory
-   over both);
+1. ``enable`` (fastcache: accelerate + warmup), the allocator's cache emptied, and the first
+   end-to-end call: time to first image, reported apart and never part of the timed runs;
+2. ``runs`` timed end-to-end calls, then ``runs`` timed denoising-loop calls (peak CUDA memory,
+   reserved and allocated, over both; fastcache's own buffers from ``handle.memory()``);
 3. direct ``pipe.unet(...)`` calls with the pipeline's real inputs, each classified as full,
    refresh or cached by the method's own state;
 4. ``disable``, then a check that the pipeline is as built.
@@ -31,7 +31,7 @@ from .env import load_average
 from .floor import MatmulRate, dense_matmul_rate, shape_floor
 from .methods import CACHED, FULL, REFRESH, CacheConfig, Method, Shape, is_restored
 from .results import Agreement, MethodResult, Quality, ShapeResult, StepTimes
-from .timing import PeakMemory, TimingStats, repeat, synchronize, timed
+from .timing import PeakMemory, TimingStats, release_cached_memory, repeat, synchronize, timed, timed_with_host
 from .workload import UNetInputs, Workload
 
 
@@ -99,6 +99,7 @@ def time_steps(method: Method, pipe: Any, inputs: UNetInputs, device: torch.devi
     pass (fastcache re-armed; DeepCache back at its first step) when they run out.
     """
     samples: dict[str, list[float]] = {FULL: [], REFRESH: [], CACHED: []}
+    host: dict[str, list[float]] = {FULL: [], REFRESH: [], CACHED: []}
     pattern = []
     steps_per_loop = len(inputs.timesteps)
     with torch.no_grad(), _quiet_fastcache():
@@ -106,13 +107,18 @@ def time_steps(method: Method, pipe: Any, inputs: UNetInputs, device: torch.devi
             index = call % steps_per_loop
             if index == 0:  # each pass over the timesteps starts like a denoising loop
                 method.begin_direct_calls()
-            seconds, _ = timed(lambda: inputs.call(pipe.unet, index), device)
+            host_s, seconds, _ = timed_with_host(lambda: inputs.call(pipe.unet, index), device)
             kind = method.last_call_kind()
             samples[kind].append(seconds)
+            host[kind].append(host_s)
             pattern.append(kind)
-    stats = {kind: TimingStats.of(values) if values else None for kind, values in samples.items()}
+
+    def stats(values: list[float]) -> TimingStats | None:
+        return TimingStats.of(values) if values else None
+
     note = None if method.config is not None else "no caching: every call runs the whole U-Net"
-    return StepTimes(stats[FULL], stats[REFRESH], stats[CACHED], pattern, note)
+    return StepTimes(stats(samples[FULL]), stats(samples[REFRESH]), stats(samples[CACHED]), pattern, note,
+                     stats(host[FULL]), stats(host[REFRESH]), stats(host[CACHED]))
 
 
 def quality(actual: Outputs, reference: Outputs) -> Quality:
@@ -135,6 +141,7 @@ def measure_method(
     try:
         synchronize(device)
         setup_s = time.perf_counter() - start
+        release_cached_memory(device)  # what an earlier method left cached is not this one's
         first_s, _ = timed(workload.end_to_end, device)
         first_image_s = setup_s + first_s
         compile_cache = _delta(counters_before, compile_counters())
@@ -142,7 +149,8 @@ def measure_method(
         memory.start()
         e2e, images = repeat(workload.end_to_end, device, settings.runs)
         denoise, latents = repeat(workload.denoise, device, settings.runs)
-        peak, peak_note = memory.read()
+        peak = memory.read()
+        details.update(method.memory_details())
         pattern = method.refresh_pattern()
         per_interval = method.config.interval if method.config is not None else 1
         steps = time_steps(method, pipe, inputs_for_steps(), device, settings.step_calls * per_interval)
@@ -155,7 +163,8 @@ def measure_method(
     result = MethodResult(
         method=method.kind, config=method.config.label if method.config else None, label=method.label,
         setup_s=setup_s, first_image_s=first_image_s, compile_cache=compile_cache, details=details,
-        end_to_end=e2e, denoise=denoise, steps=steps, peak_memory_bytes=peak, peak_memory_note=peak_note,
+        end_to_end=e2e, denoise=denoise, steps=steps, peak_reserved_bytes=peak.reserved,
+        peak_allocated_bytes=peak.allocated, peak_memory_note=peak.note,
         restored=restored,
         outputs_finite=bool(np.isfinite(outputs.images).all() and np.isfinite(outputs.latents).all()),
         refresh_pattern=pattern, load_average=load_average(),

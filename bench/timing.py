@@ -59,6 +59,17 @@ def timed(function: Callable[[], Any], device: torch.device) -> tuple[float, Any
     return time.perf_counter() - start, result
 
 
+def timed_with_host(function: Callable[[], Any], device: torch.device) -> tuple[float, float, Any]:
+    """(host seconds, wall seconds, result) of one call from an idle device: host until the call
+    returned (work queued), wall until the device finished it. Equal on a CPU."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = function()
+    host = time.perf_counter() - start
+    synchronize(device)
+    return host, time.perf_counter() - start, result
+
+
 def repeat(function: Callable[[], Any], device: torch.device, runs: int) -> tuple[TimingStats, Any]:
     """`runs` timed calls (after whatever warm-up the caller did); stats and the last result."""
     samples, result = [], None
@@ -68,14 +79,34 @@ def repeat(function: Callable[[], Any], device: torch.device, runs: int) -> tupl
     return TimingStats.of(samples), result
 
 
-class PeakMemory:
-    """Peak device memory allocated by torch between `start()` and `read()`, CUDA only.
+def release_cached_memory(device: torch.device) -> None:
+    """Return the allocator's unused cached blocks to the GPU (CUDA Graph pools in use stay)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()
 
-    On other devices the figure is None with the reason: torch has no comparable allocator
-    statistic for CPU tensors, and a process RSS would mix in everything else the process holds.
+
+@dataclass(frozen=True)
+class MemoryPeak:
+    """Peak device memory over a measured stretch, bytes; None with the reason off CUDA."""
+
+    # Segments the caching allocator held: what the process takes from the GPU. CUDA Graph pools
+    # count here but not below: a replay allocates nothing, its activations live in the pool.
+    reserved: int | None
+    allocated: int | None  # bytes of live tensors at the peak
+    note: str | None = None
+
+
+class PeakMemory:
+    """Peak device memory between `start()` and `read()`, CUDA only.
+
+    Call `release_cached_memory` before the method's first call, so that the peak is its own
+    working set, not blocks an earlier method left cached. On other devices the figures are None
+    with the reason: torch keeps no allocator statistics for CPU tensors, and a process RSS would
+    mix in everything else the process holds.
     """
 
-    CPU_REASON = "not measured: torch.cuda.max_memory_allocated exists for CUDA devices only (CPU run)"
+    CPU_REASON = "not measured: torch's device memory statistics exist for CUDA devices only (CPU run)"
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -85,9 +116,8 @@ class PeakMemory:
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def read(self) -> tuple[int | None, str | None]:
-        """(bytes, None) on CUDA; (None, reason) elsewhere."""
+    def read(self) -> MemoryPeak:
         if self.device.type != "cuda":
-            return None, self.CPU_REASON
+            return MemoryPeak(None, None, self.CPU_REASON)
         synchronize(self.device)
-        return int(torch.cuda.max_memory_allocated(self.device)), None
+        return MemoryPeak(int(torch.cuda.max_memory_reserved(self.device)), int(torch.cuda.max_memory_allocated(self.device)))

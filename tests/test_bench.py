@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bench import configs, metrics
@@ -187,7 +188,8 @@ def test_smoke_run_writes_json_with_every_method_and_config(smoke_run):
             assert len(m[mode]["runs"]) == 1
         assert _finite(m["speedup_end_to_end"]) and _finite(m["speedup_denoise"])
         assert _finite(m["first_image_s"]) and m["first_image_s"] >= m["setup_s"] >= 0
-        assert m["peak_memory_bytes"] is None and "CPU" in m["peak_memory_note"]  # CPU run: null with reason
+        assert m["peak_reserved_bytes"] is None and m["peak_allocated_bytes"] is None  # CPU run: null...
+        assert "CPU" in m["peak_memory_note"]  # ...with the reason
         quality = m["quality_vs_eager"]
         assert _finite(quality["ssim"]) and -1 <= quality["ssim"] <= 1
         assert _finite(quality["latent_rel_l2"]) and quality["latent_rel_l2"] >= 0
@@ -195,14 +197,21 @@ def test_smoke_run_writes_json_with_every_method_and_config(smoke_run):
         steps = m["steps"]
         if m["method"] in ("eager", "compile"):
             assert _finite(steps["full"]["median"]) and steps["refresh"] is None
+            kinds = ["full"]
         else:
             assert _finite(steps["refresh"]["median"]) and _finite(steps["cached"]["median"])
+            kinds = ["refresh", "cached"]
+        for kind in kinds:  # host time per step: measured before the device sync, so never above wall
+            assert len(steps[f"{kind}_host"]["runs"]) == len(steps[kind]["runs"])
+            assert all(0 < h <= w for h, w in zip(steps[f"{kind}_host"]["runs"], steps[kind]["runs"]))
     eager = shape["methods"][0]
     assert eager["quality_vs_eager"] == {"psnr": "inf", "ssim": 1.0, "latent_rel_l2": 0}
     for config in SMOKE_CONFIGS:
         fastcache = next(m for m in shape["methods"] if m["label"] == f"fastcache {config}")
         assert fastcache["refresh_pattern"] == [True, False]  # interval 2, 2 steps: one cached step
         assert fastcache["details"]["warmup"]["compilations"] == 2
+        own = fastcache["details"]["fastcache_memory"]  # compiled runner on CPU: kept features only
+        assert own["kept_features"] > 0 and own["graph_pool"] is None and own["total"] == own["kept_features"]
     agreements = {a["config"]: a for a in shape["agreements"]}
     assert set(agreements) == set(SMOKE_CONFIGS)
     for a in agreements.values():
@@ -265,11 +274,36 @@ def test_memory_table_reports_the_extra_over_eager():
 
     from bench.report import memory_lines
 
-    def method(name, peak):
-        return SimpleNamespace(method=name.split()[0], label=name, peak_memory_bytes=peak, peak_memory_note=None)
+    def method(name, reserved, allocated, details=None):
+        return SimpleNamespace(method=name.split()[0], label=name, peak_reserved_bytes=reserved,
+                               peak_allocated_bytes=allocated, peak_memory_note=None, details=details or {})
 
-    shape = SimpleNamespace(label="512x512 b1", methods=[method("eager", 2000 * 2**20),
-                                                         method("fastcache I3B0", 2150 * 2**20)])
+    # fastcache allocates less than eager at its peak (replays allocate nothing) but reserves more
+    # (the graph pool): the extra is computed from reserved.
+    shape = SimpleNamespace(label="512x512 b1", methods=[
+        method("eager", 2000 * 2**20, 1900 * 2**20),
+        method("fastcache I3B0", 2150 * 2**20, 1800 * 2**20, {"fastcache_memory": {"total": 180 * 2**20}}),
+    ])
     lines = memory_lines(SimpleNamespace(shapes=[shape]))
-    assert "| 512x512 b1 | eager | 2000 | +0.0% |" in lines
-    assert "| 512x512 b1 | fastcache I3B0 | 2150 | +7.5% |" in lines
+    assert "| 512x512 b1 | eager | 2000 | +0.0% | 1900 | - |" in lines
+    assert "| 512x512 b1 | fastcache I3B0 | 2150 | +7.5% | 1800 | 180 |" in lines
+
+
+def test_host_overhead_measures_the_presets_unet_without_device_work():
+    """The host-overhead benchmark's rows describe the preset's real U-Net (built on meta)."""
+    from bench.configs import unet_config
+    from bench.host_overhead import markdown, measure
+    from diffusers import UNet2DConditionModel
+
+    row = measure("sd15", steps=3, repeats=1)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config("sd15"))
+    assert row.modules == len(list(unet.modules())) == 709
+    assert row.tensors == len(list(unet.parameters())) + len(list(unet.buffers()))
+    assert row.steps == 3
+    for value in (row.fingerprint_ms, row.unet_call_after_reset_us, row.unet_call_unmanaged_us, row.pipeline_call_ms):
+        assert math.isfinite(value) and value > 0
+    text = markdown(dict(command="c", environment=dict(device_name="cpu", cpu_count=2, python="3", git_commit="x",
+                                                        fastcache_dirty=False, versions=dict(torch="t", diffusers="d")),
+                         load_average=[0], load_average_at_end=[0], repeats=1), [row])
+    assert text.count("| sd15 | 709 |") == 1
