@@ -48,6 +48,7 @@ def accelerate(
     controlnet_reuse: bool = False,
     compile_vae: bool = False,
     compile_text_encoders: bool = False,
+    host_timesteps: bool = False,
 ) -> FastCache:
     """Run `pipe`'s U-Net as DeepCache's full and shallow graphs. See FastCacheConfig for options.
 
@@ -70,6 +71,7 @@ def accelerate(
         controlnet_reuse=controlnet_reuse,
         compile_vae=compile_vae,
         compile_text_encoders=compile_text_encoders,
+        host_timesteps=host_timesteps,
     )
     return FastCache(pipe, config)
 

@@ -10,13 +10,15 @@ Two things change on the pipeline, both undone exactly by `FastCache.disable()`:
 Options add instance attributes of the same kind, also undone by `disable()`:
 ``pipe.controlnet.forward`` with ``controlnet_reuse=True`` (controlnet_reuse.py), and
 ``pipe.vae.decode`` / ``pipe.text_encoder*.forward`` with ``compile_vae`` /
-``compile_text_encoders`` (side_models.py).
+``compile_text_encoders`` (side_models.py); ``host_timesteps=True`` sets
+``pipe.scheduler.set_timesteps`` during each pipeline call only (host_timesteps.py).
 
-Nothing else is patched: no sub-module, no weight, no scheduler.
+Nothing else is patched: no sub-module, no weight, and no scheduler outside the option above.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -38,6 +40,7 @@ from .errors import (
     UnsupportedPipelineError,
 )
 from .graphs import GraphRunner
+from .host_timesteps import timesteps_on_host
 from .lora import LoraScales, model_fingerprint
 from .patching import InstancePatch
 from .runtime import (
@@ -96,7 +99,8 @@ def _accelerated_class(base: type, handle: "FastCache") -> type:
         handle._begin_pipeline_call()
         handle._in_pipeline_call = True
         try:
-            return base_call(self, *args, **kwargs)
+            with timesteps_on_host(self.scheduler) if handle.config.host_timesteps else contextlib.nullcontext():
+                return base_call(self, *args, **kwargs)
         except CompileFailure as failure:
             handle.disable()
             raise CompileError(

@@ -54,6 +54,11 @@ class FastCacheConfig:
     # is held for `cache_interval` steps. It saves the ControlNet's cost (about a U-Net's down path
     # and mid block) on every cached step.
     controlnet_reuse: bool = False
+    # During each pipeline call, the scheduler's timesteps stay on the CPU (what diffusers does on
+    # XLA): DDIM/PNDM/Euler-type schedulers then index their tables on the host, where a device
+    # timestep costs a GPU sync per step (host_timesteps.py). Same values, same images. Off until
+    # measured on a GPU; ControlNet models still copy each step's timestep to the device.
+    host_timesteps: bool = False
 
     def refresh_schedule(self) -> RefreshSchedule:
         """The validated schedule (raises InvalidConfigError on bad values)."""
@@ -62,7 +67,8 @@ class FastCacheConfig:
     def validate(self) -> None:
         """Check everything that does not depend on the U-Net (the branch id is checked there)."""
         self.refresh_schedule()
-        for name in ("compile", "emulate_graphs", "strict", "controlnet_reuse", "compile_vae", "compile_text_encoders"):
+        for name in ("compile", "emulate_graphs", "strict", "controlnet_reuse", "compile_vae", "compile_text_encoders",
+                     "host_timesteps"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.cuda_graphs not in (None, True, False):

@@ -15,16 +15,19 @@ the current one; DeepCache's helper does that on every call (``timestep.item()``
 from __future__ import annotations
 
 import contextlib
+import inspect
+import warnings
 from typing import Any, Iterator
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastcache.host_timesteps import timesteps_on_host
 from fastcache.runtime import StepInputs
 from fastcache.tiny import tiny_sd_pipeline
 
-from .helpers import accelerated, latents
+from .helpers import accelerated, deepcache_latents, latents
 
 
 class HostReads(TorchDispatchMode):
@@ -98,6 +101,40 @@ def test_timesteps_from_the_host_need_no_device_read():
         assert reads.count == 0
 
 
+def test_timesteps_on_host_puts_them_on_the_cpu_and_restores_the_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler()
+    scheduler.set_timesteps(10)
+    expected = scheduler.timesteps.clone()
+    with timesteps_on_host(scheduler):
+        assert "sigmas" in inspect.signature(scheduler.set_timesteps).parameters  # retrieve_timesteps reads it
+        scheduler.set_timesteps(10, device="meta")  # where a pipeline would ask for its device
+        assert scheduler.timesteps.device.type == "cpu" and torch.equal(scheduler.timesteps, expected)
+        scheduler.set_timesteps(10, "meta")  # positionally too
+        assert scheduler.timesteps.device.type == "cpu"
+    assert "set_timesteps" not in vars(scheduler)
+    with pytest.raises(KeyError), timesteps_on_host(scheduler):
+        raise KeyError("a failing pipeline call")
+    assert "set_timesteps" not in vars(scheduler)
+
+
+@pytest.mark.covers(check="= DeepCache")
+def test_host_timesteps_give_the_same_images_and_leave_the_scheduler_as_it_was(any_pipe):
+    seen: list[tuple[bool, str]] = []
+
+    def record(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        seen.append(("set_timesteps" in vars(pipe.scheduler), pipe.scheduler.timesteps.device.type))
+        return kwargs
+
+    expected = deepcache_latents(any_pipe, 3, 0)
+    with accelerated(any_pipe, cache_interval=3, compile=False, host_timesteps=True):
+        actual = latents(any_pipe, callback_on_step_end=record)
+    assert torch.equal(actual, expected)
+    assert seen and set(seen) == {(True, "cpu")}, "set during the call, timesteps on the CPU"
+    assert "set_timesteps" not in vars(any_pipe.scheduler)
+
+
 # -- CUDA --------------------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.set_sync_debug_mode)")
 
@@ -139,3 +176,34 @@ def test_cuda_scale_uploads_never_synchronise():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert buffer.tolist() == [1.0, 1.0, 1.0]
+
+
+@cuda
+@pytest.mark.covers("StableDiffusionPipeline", "CUDA Graphs", cuda_only=True)
+@torch.no_grad()
+def test_cuda_host_timesteps_keep_syncs_out_of_the_denoising_loop():
+    """DDIM indexes alphas_cumprod with each step's timestep: with device timesteps every step
+    syncs (the control); with host_timesteps the number of syncs no longer grows with the steps,
+    and the latents are the same."""
+    pipe = tiny_sd_pipeline(device="cuda", dtype=torch.float16)
+
+    def count_syncs(steps: int) -> tuple[int, torch.Tensor]:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = latents(pipe, steps=steps)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught), result
+
+    counts, outputs = {}, {}
+    for host in (False, True):
+        with accelerated(pipe, cache_interval=3, host_timesteps=host) as handle:
+            handle.warmup()
+            counts[host] = [count_syncs(steps)[0] for steps in (4, 10)]
+            outputs[host] = count_syncs(10)[1]
+    assert counts[False][1] > counts[False][0], f"control: device timesteps should sync per step {counts}"
+    assert counts[True][1] == counts[True][0], f"host timesteps: syncs per call {counts[True]}"
+    assert torch.equal(outputs[True], outputs[False])
