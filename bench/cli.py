@@ -9,6 +9,7 @@ prints the tables and writes JSON, Markdown, a plot and sample images (see bench
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -48,6 +49,15 @@ def _option(text: str) -> tuple[str, Any]:
         return name.strip(), value
 
 
+def _tweaks(text: str) -> tuple[str, ...]:
+    from .tweaks import parse_tweaks
+
+    try:
+        return parse_tweaks(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _cuda_graphs(text: str) -> bool | None:
     return {"auto": None, "on": True, "off": False}[text]
 
@@ -78,6 +88,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another fastcache.accelerate keyword for the fastcache method, VALUE as JSON "
                              "where it parses (true, 3, {\"conv_1x1_as_mm\": true}), else a string; repeatable")
     parser.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto", help="fastcache's cuda_graphs")
+    parser.add_argument("--unet-tweaks", type=_tweaks, default=(), metavar="NAMES",
+                        help="comma-separated U-Net changes for every method alike: fuse_qkv, channels_last "
+                             "(bench/tweaks.py)")
     parser.add_argument("--restart", choices=("first", "all", "none"), default="first",
                         help="time accelerate+warmup in a fresh process with a filled compile cache: for the first "
                              "shape, every shape, or not at all")
@@ -101,6 +114,8 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--cuda-graphs", type=_cuda_graphs, default=None)
+    parser.add_argument("--unet-tweaks", type=_tweaks, default=())
+    parser.add_argument("--fastcache-options-json", default=None, help="more fastcache.accelerate keywords, as JSON")
     parser.add_argument("--load-compile-cache", default=None, help="fastcache.load_compile_cache(PATH) before accelerate")
     parser.add_argument("--save-compile-cache", default=None, help="fastcache.save_compile_cache(PATH) after the image")
 
@@ -146,7 +161,7 @@ def _meta(args: argparse.Namespace, argv: list[str], preset: Any, pipe: Any, bui
             "configs": [c.label for c in _configs(args)], "shapes": [s.label for s in shapes],
             "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
             "cuda_graphs": args.cuda_graphs, "restart": args.restart,
-            "fastcache_options": dict(args.fastcache_option),
+            "fastcache_options": dict(args.fastcache_option), "unet_tweaks": list(args.unet_tweaks),
         },
         "pipeline": {
             "class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "build_s": build_s,
@@ -177,6 +192,8 @@ def _restarts(args: argparse.Namespace, preset: Any, shapes: list[Any], steps: i
                 "config": config.label, "steps": steps, "prompt": args.prompt, "seed": args.seed,
                 "guidance": args.guidance, "device": str(device), "dtype": args.dtype,
                 "compile-backend": args.compile_backend, "cuda-graphs": args.cuda_graphs,
+                "unet-tweaks": ",".join(args.unet_tweaks) or None,
+                "fastcache-options-json": json.dumps(dict(args.fastcache_option)) if args.fastcache_option else None,
             }))
     return results
 
@@ -191,6 +208,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from .presets import get_preset
     from .results import BenchResult
     from .runner import RunSettings, measure_shape
+    from .tweaks import apply_tweaks
 
     started = time.time()
     preset = get_preset(args.preset)
@@ -208,6 +226,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         build_start = time.perf_counter()
         pipe = preset.build(device, dtype, args.seed)
+        apply_tweaks(pipe, args.unet_tweaks)
         build_s = time.perf_counter() - build_start
         methods = build_methods(configs, CompileSettings(args.compile_backend, args.compile_mode,
                                                          _cuda_graphs(args.cuda_graphs),

@@ -83,6 +83,7 @@ def probe_main(options: Any) -> int:
     from .presets import get_preset
     from .runner import compile_counters
     from .timing import synchronize, timed
+    from .tweaks import apply_tweaks
     from .workload import Workload
 
     device = torch.device(options.device)
@@ -90,6 +91,7 @@ def probe_main(options: Any) -> int:
     config = CacheConfig.parse(options.config)
     shape = Shape(options.width, options.height, options.batch)
     build_s, pipe = timed(lambda: get_preset(options.preset).build(device, dtype, options.seed), device)
+    apply_tweaks(pipe, options.unet_tweaks)
     workload = Workload(pipe, shape, options.steps, options.prompt, options.seed, options.guidance)
     before = compile_counters()
     start = time.perf_counter()
@@ -100,6 +102,7 @@ def probe_main(options: Any) -> int:
     handle = fastcache.accelerate(
         pipe, cache_interval=config.interval, cache_branch_id=config.branch,
         compile_backend=options.compile_backend, cuda_graphs=options.cuda_graphs,
+        **json.loads(options.fastcache_options_json or "{}"),  # the parent's --fastcache-option
     )
     handle.warmup(height=shape.height, width=shape.width, batch_size=shape.batch, **workload.call_kwargs())
     synchronize(device)

@@ -254,13 +254,16 @@ def test_smoke_run_on_the_sdxl_code_path(tmp_path):
     command = [
         sys.executable, "-m", "bench", "run", "--preset", "tiny-sdxl", "--steps", "2", "--runs", "1",
         "--configs", "I2B0", "--compile-backend", "eager", "--restart", "none", "--out", str(tmp_path),
+        "--unet-tweaks", "fuse_qkv",  # every method on the fused-QKV U-Net
     ]
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     with open(tmp_path / "latest-tiny-sdxl.json") as handle:
         result = json.load(handle)
     assert result["meta"]["pipeline"]["class"] == "StableDiffusionXLPipeline"
+    assert result["meta"]["settings"]["unet_tweaks"] == ["fuse_qkv"]
     (shape,) = result["shapes"]
+    assert shape["methods"][0]["details"]["attention_processors"] == ["FusedAttnProcessor2_0"]
     assert [m["label"] for m in shape["methods"]] == ["eager", "compile", "deepcache I2B0", "fastcache I2B0"]
     assert all(m["restored"] and m["outputs_finite"] for m in shape["methods"])
     (agreement,) = shape["agreements"]
@@ -307,3 +310,17 @@ def test_host_overhead_measures_the_presets_unet_without_device_work():
                                                         fastcache_dirty=False, versions=dict(torch="t", diffusers="d")),
                          load_average=[0], load_average_at_end=[0], repeats=1), [row])
     assert text.count("| sd15 | 709 |") == 1
+
+
+def test_unet_tweaks_change_the_model_as_named():
+    from bench.tweaks import apply_tweaks, parse_tweaks
+    from fastcache.tiny import tiny_sd_pipeline
+
+    assert parse_tweaks(" fuse_qkv, channels_last ") == ("fuse_qkv", "channels_last")
+    assert parse_tweaks("") == () and parse_tweaks(None) == ()
+    with pytest.raises(ValueError, match="unknown U-Net tweak"):
+        parse_tweaks("fuse_qkv,fp8")
+    pipe = tiny_sd_pipeline()
+    apply_tweaks(pipe, ("fuse_qkv", "channels_last"))
+    assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
