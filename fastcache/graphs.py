@@ -5,9 +5,8 @@ outputs are the noise buffer and the *kept* buffer, both allocated once at captu
 shallow graph, captured reading that same kept buffer. A refresh replay rewrites the kept buffer in
 place, so a cached replay reads the features of the latest refresh with no copy. Every graph of
 every shape shares one memory pool, and every warm-up before a capture runs on one side stream.
-Replay is: copy inputs into the static buffers, replay,
-return a clone of the output (the clone belongs to the caller; the static buffer is overwritten
-by the next replay).
+Replay is: copy inputs into the static buffers, replay, return a clone of the output (the clone
+belongs to the caller; the static buffer is overwritten by the next replay).
 
 ``emulate=True`` keeps all of this but replaces ``torch.cuda.CUDAGraph`` with re-running the
 function into the same output tensors: the buffer plumbing is then testable on a CPU.
