@@ -34,14 +34,23 @@ def lora_layers(model: torch.nn.Module) -> list[Any]:
     return [module for module in model.modules() if is_lora_layer(module)]
 
 
+# Plain attributes that diffusers' forward code reads and its APIs change at run time. A captured
+# graph bakes their values in, so a change must re-prepare the graphs: FreeU's factors on up blocks
+# (enable_freeu / disable_freeu) and feed-forward chunking on transformer blocks
+# (set_chunk_feed_forward). Keyed by an attribute only those blocks
+# have, so that other modules cost one dict lookup each.
+FORWARD_SETTINGS = {"s1": ("s1", "s2", "b1", "b2"), "_chunk_size": ("_chunk_size", "_chunk_dim")}
+
+
 def model_fingerprint(model: torch.nn.Module) -> int:
     """What compiled and captured graphs of `model` depend on besides input shapes.
 
     The identity of every sub-module (adapters loaded, unloaded or deleted replace modules) and
     attention processor, IP-Adapter image scales (baked into graphs as constants), each LoRA
     layer's active/merged/disabled adapters (fuse, unfuse, set_adapters with other names,
-    enable/disable_lora), and the storage of every parameter and buffer (CUDA Graphs replay fixed
-    addresses; weights copied in place keep them, new tensors do not).
+    enable/disable_lora), the `FORWARD_SETTINGS` of the blocks that have them (FreeU, forward
+    chunking), and the storage of every parameter and buffer (CUDA Graphs replay fixed addresses;
+    weights copied in place keep them, new tensors do not).
 
     One pass over the modules per pipeline call (and per `reset()` of a custom loop), so it walks
     ``_modules`` directly: ``Module.modules()`` builds every module's dotted name on the way.
@@ -58,6 +67,9 @@ def model_fingerprint(model: torch.nn.Module) -> int:
         state = module.__dict__
         children = state["_modules"]
         append(id(module))
+        for marker, names in FORWARD_SETTINGS.items():
+            if marker in state:
+                append(tuple(map(state.get, names)))
         for tensors in (state["_parameters"], state["_buffers"]):
             for tensor in tensors.values():
                 if tensor is not None:

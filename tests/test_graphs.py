@@ -63,6 +63,48 @@ def test_emulated_graphs_match_deepcache(sd_pipe, compile):
     assert_close_relative(actual, expected, 1e-5)
 
 
+FREEU = dict(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+
+
+def _chunk_feed_forward(pipe, chunk_size):
+    """What UNet3D's enable_forward_chunking does, for the 2-D U-Net's transformer blocks."""
+    for module in pipe.unet.modules():
+        if hasattr(module, "set_chunk_feed_forward"):
+            module.set_chunk_feed_forward(chunk_size, dim=1)
+
+
+# Settings the U-Net's blocks read as plain attributes, applied in turn, then undone.
+BAKED_SETTINGS = (
+    ("FreeU on", lambda pipe: pipe.enable_freeu(**FREEU)),
+    ("feed-forward chunking on", lambda pipe: _chunk_feed_forward(pipe, 4)),  # 4 tokens in the mid block
+    ("FreeU off", lambda pipe: pipe.disable_freeu()),
+    ("feed-forward chunking off", lambda pipe: _chunk_feed_forward(pipe, None)),
+)
+
+
+@pytest.mark.covers("FreeU, feed-forward chunking (changed after accelerate)", "= DeepCache")
+@pytest.mark.covers("FreeU, feed-forward chunking (changed after accelerate)", "emulated CUDA Graphs")
+def test_freeu_and_chunking_after_accelerate_prepare_the_graphs_again(sd_pipe):
+    """A CUDA Graph bakes in FreeU's factors and the feed-forward chunk size (plain attributes the
+    blocks read at capture), so changing them after accelerate must prepare the graphs again.
+    Emulated replays re-run the Python and would give the right images even with stale graphs:
+    here the check that matters is that the runner was rebuilt; the images are checked against
+    DeepCache with the same settings."""
+    actual = []
+    with accelerated(sd_pipe, cache_interval=3, compile=False, emulate_graphs=True) as handle:
+        latents(sd_pipe, steps=4)
+        for name, change in BAKED_SETTINGS:
+            runner = handle._runner
+            change(sd_pipe)
+            actual.append(latents(sd_pipe))
+            assert handle._runner is not runner, f"{name}: the graphs were not prepared again"
+            assert handle._runner.captures == 2, name
+    for (name, change), result in zip(BAKED_SETTINGS, actual):
+        change(sd_pipe)
+        assert_close_relative(result, deepcache_latents(sd_pipe, 3, 0), 1e-5)
+    assert sd_pipe.unet.up_blocks[0].s1 is None and sd_pipe.unet.up_blocks[1].attentions[0].transformer_blocks[0]._chunk_size is None
+
+
 def test_memory_report_counts_every_buffer_the_runner_holds(sd_pipe):
     """Bytes of the static inputs (latents, timestep, text embeddings), both graphs' outputs and
     the kept features, per shape: tiny SD with CFG runs the U-Net at batch 2 in fp32."""
