@@ -46,11 +46,11 @@ def model_fingerprint(model: torch.nn.Module) -> int:
     """What compiled and captured graphs of `model` depend on besides input shapes.
 
     The identity of every sub-module (adapters loaded, unloaded or deleted replace modules) and
-    attention processor, IP-Adapter image scales (baked into graphs as constants), each LoRA
-    layer's active/merged/disabled adapters (fuse, unfuse, set_adapters with other names,
-    enable/disable_lora), the `FORWARD_SETTINGS` of the blocks that have them (FreeU, forward
-    chunking), and the storage of every parameter and buffer (CUDA Graphs replay fixed addresses;
-    weights copied in place keep them, new tensors do not).
+    attention processor and its backend, IP-Adapter image scales (baked into graphs as
+    constants), each LoRA layer's active/merged/disabled adapters (fuse, unfuse, set_adapters with
+    other names, enable/disable_lora), the `FORWARD_SETTINGS` of the blocks that have them (FreeU,
+    forward chunking), and the storage of every parameter and buffer (CUDA Graphs replay fixed
+    addresses; weights copied in place keep them, new tensors do not).
 
     One pass over the modules per pipeline call (and per `reset()` of a custom loop), so it walks
     ``_modules`` directly: ``Module.modules()`` builds every module's dotted name on the way.
@@ -75,10 +75,11 @@ def model_fingerprint(model: torch.nn.Module) -> int:
                 if tensor is not None:
                     append(tensor.data_ptr())
         # Attention processors are plain objects or, IP-Adapter's, sub-modules (set_attn_processor
-        # and load_ip_adapter swap them); IP-Adapter's keep image scales as floats (set_ip_adapter_scale).
+        # and load_ip_adapter swap them); IP-Adapter's keep image scales as floats (set_ip_adapter_scale),
+        # and set_attention_backend changes a dispatching processor's backend in place.
         processor = state.get("processor") or children.get("processor")
         if processor is not None:
-            append((id(processor), repr(getattr(processor, "scale", None))))
+            append((id(processor), repr(getattr(processor, "scale", None)), getattr(processor, "_attention_backend", None)))
         if "scaling" in state and is_lora_layer(module):
             append((tuple(module.active_adapters), tuple(module.merged_adapters), bool(module.disable_adapters)))
         stack.extend(child for child in reversed(children.values()) if child is not None)

@@ -138,6 +138,38 @@ def test_lora_changes_in_strict_mode_prepare_warmed_shapes_again():
             latents(pipe, height=64, width=64)
 
 
+def test_model_fingerprint_sees_every_change_a_captured_graph_bakes_in():
+    """Each change below alters what a captured graph computes without new inputs, so the
+    fingerprint must change; copying weights in place (same storage) must not change it."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from fastcache.lora import model_fingerprint
+    from fastcache.tiny import tiny_sd_unet
+
+    unet = tiny_sd_unet()
+    attention = next(m for m in unet.modules() if hasattr(m, "set_processor"))
+    block = next(m for m in unet.modules() if hasattr(m, "set_chunk_feed_forward"))
+    changes: list[tuple[str, Callable[[], Any]]] = [
+        ("enable_freeu", lambda: unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)),
+        ("another FreeU factor", lambda: unet.enable_freeu(s1=0.8, s2=0.2, b1=1.2, b2=1.4)),
+        ("disable_freeu", unet.disable_freeu),
+        ("set_chunk_feed_forward", lambda: block.set_chunk_feed_forward(4, dim=1)),
+        ("a new processor object", lambda: attention.set_processor(AttnProcessor2_0())),
+        ("the processor's attention backend", lambda: setattr(attention.processor, "_attention_backend", "flash")),
+        ("a weight given new storage", lambda: setattr(unet.conv_in, "weight",
+                                                       torch.nn.Parameter(unet.conv_in.weight.detach().clone()))),
+        ("a new sub-module", lambda: setattr(unet, "conv_out", torch.nn.Conv2d(16, 4, 3, padding=1))),
+    ]
+    for name, change in changes:
+        before = model_fingerprint(unet)
+        change()
+        assert model_fingerprint(unet) != before, name
+    before = model_fingerprint(unet)
+    with torch.no_grad():
+        unet.conv_in.weight.mul_(0.5)  # in place: the graphs read the same storage
+    assert model_fingerprint(unet) == before
+
+
 def test_weights_copied_in_place_keep_graphs():
     """Copying new values into the weights (same storage) needs no new graphs and is seen at once."""
     reference, pipe = _twins()
