@@ -42,7 +42,8 @@ class FastCacheConfig:
     # Capture and replay CUDA Graphs. None: on for CUDA devices, off elsewhere.
     cuda_graphs: bool | None = None
     # Debugging and CPU tests: graph replay semantics (static buffers, in-place kept features)
-    # without CUDA, by re-running the function into the captured outputs.
+    # without CUDA. With compile=False replays run a recording of the split's ops (tensors read
+    # by reference, Python values baked in, as in a CUDA Graph); compiled, the function re-runs.
     emulate_graphs: bool = False
     # Serving: a shape that warmup() did not prepare, or a recompilation, raises instead of
     # compiling on the hot path.

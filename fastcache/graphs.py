@@ -8,8 +8,14 @@ every shape shares one memory pool, and every warm-up before a capture runs on o
 Replay is: copy inputs into the static buffers, replay, return a clone of the output (the clone
 belongs to the caller; the static buffer is overwritten by the next replay).
 
-``emulate=True`` keeps all of this but replaces ``torch.cuda.CUDAGraph`` with re-running the
-function into the same output tensors: the buffer plumbing is then testable on a CPU.
+``emulate=True`` keeps all of this but replaces ``torch.cuda.CUDAGraph``, so that the buffer
+plumbing is testable on a CPU. An eager split is *recorded* at capture (recording.py: the aten ops
+it ran, every tensor it read by reference, every Python value it read baked in as a constant) and
+replays run that recording into the same output tensors: like a CUDA Graph, a replay sees new
+values in the tensors it read at capture and nothing else, so a setting read from a Python
+attribute and changed later (FreeU's factors, say) gives stale results here too, not only on a
+GPU. A compiled split is re-run instead (its generated code runs below the recorder's reach);
+dynamo's guards then recompile where a CUDA Graph would be stale.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import Tensor
 
+from .recording import Recording
 from .runtime import CompiledFunctions, MemoryReport, Runner, StepInputs, not_warmed_error, tensor_bytes
 from .unet_split import UNetSplit
 
@@ -37,23 +44,33 @@ def graph_pool_bytes(segments: list[dict[str, Any]], pool: Any) -> int:
 
 
 class CapturedFunction:
-    """A zero-argument function captured once; `replay` writes into the same `outputs`."""
+    """A zero-argument function captured once; `replay` writes into the same `outputs`.
 
-    def __init__(self, function: Callable[[], Any], pool: Any, emulate: bool) -> None:
-        self._function = function if emulate else None
+    `emulate`: None captures a CUDA Graph; "record" records the function's aten ops and replays
+    the recording (recording.py); "rerun" replays by calling the function again.
+    """
+
+    def __init__(self, function: Callable[[], Any], pool: Any, emulate: str | None) -> None:
         self._graph: Any = None
-        if emulate:
+        self._replay_function: Callable[[], Any] | None = None
+        if emulate == "record":
+            recording = Recording(function)
+            self._replay_function = recording
+            self.outputs = recording.first_result
+        elif emulate == "rerun":
+            self._replay_function = function
             self.outputs = function()
-            return
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph, pool=pool):
-            self.outputs = function()
+        else:
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph, pool=pool):
+                self.outputs = function()
 
     def replay(self) -> None:
         if self._graph is not None:
             self._graph.replay()
             return
-        for static, fresh in zip(_as_tuple(self.outputs), _as_tuple(self._function())):
+        assert self._replay_function is not None
+        for static, fresh in zip(_as_tuple(self.outputs), _as_tuple(self._replay_function())):
             static.copy_(fresh)
 
 
@@ -161,7 +178,8 @@ class GraphRunner(Runner):
                 for _ in range(WARMUP_RUNS):
                     function()
             torch.cuda.current_stream().wait_stream(stream)
-        captured = CapturedFunction(function, self._pool, self.emulate)
+        emulation = None if not self.emulate else ("rerun" if self.compiled is not None else "record")
+        captured = CapturedFunction(function, self._pool, emulation)
         self.captures += 1
         return captured
 
