@@ -1,11 +1,11 @@
 """The ``host_timesteps`` option: a pipeline call's timesteps on the CPU, as diffusers does on XLA.
 
 diffusers' pipelines ask the scheduler for timesteps on the execution device and loop over them,
-so each step's ``t`` is a 0-d device tensor. Schedulers index host tables with it
-(``alphas_cumprod[t]`` and ``prev_t >= 0`` in DDIM and PNDM; ``(timesteps == t).nonzero()`` in
-Euler-type schedulers' first step; SDXL's ``denoising_end`` filter), and indexing with a 0-d
-integer tensor reads it with ``.item()`` (ATen's TensorIndexing.h): a GPU sync in every step,
-which keeps the host from queueing the next step while the GPU runs this one. diffusers' own
+so each step's ``t`` is a 0-d device tensor. Schedulers then read it on the host: DDIM and PNDM
+index ``alphas_cumprod[t]`` (ATen turns a 0-d integer index into ``.item()``, TensorIndexing.h)
+and test ``prev_t >= 0`` in every step; Euler-type schedulers' first step runs
+``(timesteps == t).nonzero()``; SDXL's ``denoising_end`` compares every timestep. Each is a GPU
+sync, which keeps the host from queueing the next step while the GPU runs this one. diffusers' own
 pipelines already run with CPU timesteps (they choose them on XLA for this reason), and
 fastcache's U-Net calls take a CPU timestep without a sync (`runtime.StepInputs`).
 

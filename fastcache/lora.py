@@ -37,8 +37,8 @@ def lora_layers(model: torch.nn.Module) -> list[Any]:
 # Plain attributes that diffusers' forward code reads and its APIs change at run time. A captured
 # graph bakes their values in, so a change must re-prepare the graphs: FreeU's factors on up blocks
 # (enable_freeu / disable_freeu) and feed-forward chunking on transformer blocks
-# (set_chunk_feed_forward). Keyed by an attribute only those blocks
-# have, so that other modules cost one dict lookup each.
+# (set_chunk_feed_forward). Keyed by an attribute only those blocks have, so that every other
+# module costs one dict lookup per key.
 FORWARD_SETTINGS = {"s1": ("s1", "s2", "b1", "b2"), "_chunk_size": ("_chunk_size", "_chunk_dim")}
 
 
