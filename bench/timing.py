@@ -52,11 +52,8 @@ class TimingStats:
 
 def timed(function: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     """Seconds one call takes, device work included; and its result."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = function()
-    synchronize(device)
-    return time.perf_counter() - start, result
+    _, wall, result = timed_with_host(function, device)
+    return wall, result
 
 
 def timed_with_host(function: Callable[[], Any], device: torch.device) -> tuple[float, float, Any]:
