@@ -75,6 +75,8 @@ def test_the_counter_sees_deepcache_reading_the_timestep(sd_pipe):
     """The positive control: DeepCache's helper calls timestep.item() in every U-Net call."""
     from DeepCache import DeepCacheSDHelper
 
+    from bench.methods import _drop_instance_forwards
+
     helper = DeepCacheSDHelper(pipe=sd_pipe)
     helper.set_params(cache_interval=3, cache_branch_id=0)
     helper.enable()
@@ -83,9 +85,7 @@ def test_the_counter_sees_deepcache_reading_the_timestep(sd_pipe):
             latents(sd_pipe, steps=4)
     finally:
         helper.disable()
-        for module in sd_pipe.unet.modules():  # DeepCache leaves bound forwards as attributes
-            if getattr(vars(module).get("forward"), "__func__", None) is type(module).forward:
-                del module.forward
+        _drop_instance_forwards(sd_pipe.unet)  # DeepCache leaves bound forwards as attributes
     assert reads.count >= 4
 
 
