@@ -8,6 +8,12 @@ every shape shares one memory pool, and every warm-up before a capture runs on o
 Replay is: copy inputs into the static buffers, replay, return a clone of the output (the clone
 belongs to the caller; the static buffer is overwritten by the next replay).
 
+Why one pool is safe: a graph captured later may place its outputs in blocks that an earlier
+graph used for temporaries, so replaying the earlier graph overwrites them. Only one output must
+survive other replays, the kept buffer of a shape, from its refresh to its cached steps; and the
+dispatcher runs a cached step only at the shape of the last refresh (dispatch.py), so no other
+shape's graph replays in between. Every other output is cloned right after its replay.
+
 ``emulate=True`` keeps all of this but replaces ``torch.cuda.CUDAGraph``, so that the buffer
 plumbing is testable on a CPU. An eager split is *recorded* at capture (recording.py: the aten ops
 it ran, every tensor it read by reference, every Python value it read baked in as a constant) and
