@@ -24,7 +24,17 @@ MASK = torch.zeros(1, 1, 128, 128)
 MASK[..., 32:96, 40:100] = 1.0
 
 
-def _check(pipe, branches=(0, 5), **call):
+# The runtimes a pipeline family is also checked through at branch 0 (the production default),
+# against the same DeepCache latents: graph replay semantics on the eager split (a recording
+# replayed, Python values baked in), and dynamo's trace with fullgraph=True (backend "eager": no
+# inductor codegen, so seconds, not minutes) replayed through static buffers.
+RUNTIMES = {
+    "emulated graphs": dict(compile=False, emulate_graphs=True),
+    "dynamo + emulated graphs": dict(compile_backend="eager", emulate_graphs=True),
+}
+
+
+def _check(pipe, branches=(0, 5), runtimes=False, **call):
     expected_plain = latents(pipe, **call)
     with accelerated(pipe, cache_interval=1, compile=False):
         assert max_diff(latents(pipe, **call), expected_plain) <= 1e-6, "caching off"
@@ -35,6 +45,11 @@ def _check(pipe, branches=(0, 5), **call):
         assert handle.stats.cached_steps > 0
         assert max_diff(actual, expected) <= 1e-5, f"branch {branch}"
         assert max_diff(actual, expected_plain) > 1e-3, "caching must change this pipeline's output"
+        if runtimes and branch == 0:
+            for runtime, options in RUNTIMES.items():
+                with accelerated(pipe, cache_interval=3, cache_branch_id=0, **options) as handle:
+                    assert max_diff(latents(pipe, **call), expected) <= 1e-5, runtime
+                assert handle.stats.cached_steps > 0, runtime
 
 
 PIPELINES = {
@@ -65,16 +80,20 @@ PIPELINE_ROWS = {
 
 @pytest.mark.covers(check="caching off = plain")
 @pytest.mark.covers(check="= DeepCache")
+@pytest.mark.covers(check="compiled (dynamo, no graph breaks)")
+@pytest.mark.covers(check="emulated CUDA Graphs")
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.covers(PIPELINE_ROWS[name])) for name in sorted(PIPELINES)])
 def test_pipeline_family(name):
     pipe, call = PIPELINES[name]()
-    _check(pipe, steps=12, **call)
+    _check(pipe, steps=12, runtimes=True, **call)
 
 
 @pytest.mark.covers("StableDiffusionXLPipeline (denoising_end)", "caching off = plain")
 @pytest.mark.covers("StableDiffusionXLPipeline (denoising_end)", "= DeepCache")
+@pytest.mark.covers("StableDiffusionXLPipeline (denoising_end)", "compiled (dynamo, no graph breaks)")
+@pytest.mark.covers("StableDiffusionXLPipeline (denoising_end)", "emulated CUDA Graphs")
 def test_sdxl_base_with_denoising_end(sdxl_pipe):
-    _check(sdxl_pipe, steps=12, denoising_end=0.6)
+    _check(sdxl_pipe, steps=12, runtimes=True, denoising_end=0.6)
 
 
 CALL_OPTIONS = {
