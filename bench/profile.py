@@ -44,8 +44,19 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
 REGIONS = ("text_encoder", "unet", "scheduler.step", "vae.decode")
 
 
+# Inductor's generated kernels are named after the aten ops they fuse, including the convolution
+# or matmul whose epilogue (bias add, residual add) they carry: "triton_poi_fused_add_convolution_3",
+# "triton_red_fused_convolution_native_group_norm_1". Those ops themselves run as extern kernels
+# (cuDNN, cuBLAS), so in a pointwise/reduction kernel's name they say nothing about its work; only
+# templates ("triton_tem_fused_mm_3") do a convolution or GEMM in Triton.
+_INDUCTOR_FUSED = re.compile(r"^(triton_(poi|per|red)|cpp)_fused_")
+_EXTERN_OPS_IN_NAME = re.compile(r"_(convolution|addmm|baddbmm|bmm|mm|_?scaled_dot_product\w*?attention)(?=_|$)")
+
+
 def category(name: str) -> str:
     lowered = name.lower()
+    if _INDUCTOR_FUSED.match(lowered):
+        lowered = _EXTERN_OPS_IN_NAME.sub("", lowered)
     for label, pattern in CATEGORIES:
         if re.search(pattern, lowered):
             return label

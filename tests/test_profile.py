@@ -27,6 +27,11 @@ KNOWN = {
     "triton_poi_fused_cat_5": "copies",
     "triton_poi_fused_add_silu_1": "other",
     "triton_poi_fused__to_copy_convert_element_type_2": "copies",
+    # Inductor kernels carrying an extern convolution's or GEMM's epilogue are not convolutions.
+    "triton_red_fused_convolution_native_group_norm_1": "normalisation",
+    "triton_poi_fused_add_convolution_div_3": "other",
+    "triton_poi_fused_addmm_gelu_4": "other",
+    "triton_tem_fused_convolution_2": "convolution",
     "aten::silu": "other",
 }
 
