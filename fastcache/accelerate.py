@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Mapping
+from typing import Any, Hashable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -35,6 +36,7 @@ from .errors import (
     AlreadyAcceleratedError,
     CompileError,
     InvalidConfigError,
+    ReentrantCallError,
     ShapeNotWarmedError,
     UnsupportedInputError,
     UnsupportedPipelineError,
@@ -96,20 +98,21 @@ def _accelerated_class(base: type, handle: "FastCache") -> type:
 
     @functools.wraps(base_call)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        handle._begin_pipeline_call()
-        handle._in_pipeline_call = True
-        try:
-            with timesteps_on_host(self.scheduler) if handle.config.host_timesteps else contextlib.nullcontext():
-                return base_call(self, *args, **kwargs)
-        except CompileFailure as failure:
-            handle.disable()
-            raise CompileError(
-                f"fastcache failed {failure.where}: {failure.__cause__!r}\nThe pipeline was restored "
-                "to its original state; accelerate without compile_vae / compile_text_encoders to "
-                "leave that model eager."
-            ) from failure.__cause__
-        finally:
-            handle._in_pipeline_call = False
+        with handle._one_call_at_a_time():
+            handle._begin_pipeline_call()
+            handle._in_pipeline_call = True
+            try:
+                with timesteps_on_host(self.scheduler) if handle.config.host_timesteps else contextlib.nullcontext():
+                    return base_call(self, *args, **kwargs)
+            except CompileFailure as failure:
+                handle.disable()
+                raise CompileError(
+                    f"fastcache failed {failure.where}: {failure.__cause__!r}\nThe pipeline was restored "
+                    "to its original state; accelerate without compile_vae / compile_text_encoders to "
+                    "leave that model eager."
+                ) from failure.__cause__
+            finally:
+                handle._in_pipeline_call = False
 
     namespace = {
         "__call__": __call__,
@@ -183,6 +186,10 @@ class FastCache:
         self._unet_patch = InstancePatch(unet, "forward", self._unet_forward)  # keeps another tool's forward
         self._seen_keys: set[Hashable] = set()
         self._in_pipeline_call = False
+        # One pipeline call at a time: the static buffers, the kept features and the dispatcher
+        # hold one call's state (see _one_call_at_a_time).
+        self._call_lock = threading.Lock()
+        self._call_thread: int | None = None
         # True once reset() was called: U-Net calls outside a pipeline call then skip the per-call
         # model check and the warning (see reset()).
         self._loop_managed = False
@@ -314,6 +321,29 @@ class FastCache:
             self._controlnet_reuse.uninstall()
         if self._side_models is not None:
             self._side_models.uninstall()
+
+    @contextlib.contextmanager
+    def _one_call_at_a_time(self) -> Iterator[None]:
+        """Serialise pipeline calls from several threads (a threaded web server's workers).
+
+        A call's graphs, static buffers, kept features and step counter are shared by every call
+        of this handle, so overlapping calls would silently mix their steps; queueing them costs
+        nothing on one GPU, whose stream runs one call's kernels at a time anyway. A call made
+        from inside a call on the same thread (a step callback calling the pipeline) cannot wait
+        for itself: it raises.
+        """
+        if self._call_thread == threading.get_ident():
+            raise ReentrantCallError(
+                "the accelerated pipeline was called from inside one of its own calls (a step "
+                "callback?); fastcache runs one call at a time per pipeline. Make that call after "
+                "the outer one returns, or on another pipeline."
+            )
+        with self._call_lock:
+            self._call_thread = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._call_thread = None
 
     def _begin_pipeline_call(self) -> None:
         if getattr(self.unet, "_hf_hook", None) is not None:

@@ -23,6 +23,10 @@ class UnsupportedInputError(FastCacheError, NotImplementedError):
     """A U-Net call passed inputs the split does not handle yet (the pipeline stays accelerated)."""
 
 
+class ReentrantCallError(FastCacheError, RuntimeError):
+    """The accelerated pipeline was called from inside one of its own calls (a callback)."""
+
+
 class ShapeNotWarmedError(FastCacheError, RuntimeError):
     """Strict serving met an input shape that `warmup` did not prepare."""
 

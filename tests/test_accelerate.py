@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -335,3 +337,63 @@ def test_model_offload_is_refused_clearly(sd_pipe):
                 latents(sd_pipe, steps=2)
         finally:
             del sd_pipe.unet._hf_hook
+
+
+def test_calls_from_two_threads_run_one_after_the_other(sd_pipe):
+    """A second thread's call waits for the first: each gives its own sequential result.
+
+    The first call stops in a step callback until the second thread is about to call the
+    pipeline; unserialised, the second call would re-arm the dispatcher and overwrite the static
+    buffers in the middle of the first, and both results would differ from the references.
+    """
+    with accelerated(sd_pipe, cache_interval=3, compile=False) as handle:
+        expected = {seed: latents(sd_pipe, seed=seed) for seed in (1, 2)}
+        first_inside, second_starting = threading.Event(), threading.Event()
+        results, errors = {}, []
+
+        def hold_first_call(pipe, step, timestep, tensors):
+            if step == 1:
+                first_inside.set()
+                second_starting.wait(timeout=30)
+                time.sleep(0.2)  # the second call is now waiting, or would be running
+            return {}
+
+        def first():
+            try:
+                results[1] = latents(sd_pipe, seed=1, callback_on_step_end=hold_first_call)
+            except BaseException as error:  # noqa: BLE001 (reported below)
+                errors.append(error)
+
+        def second():
+            try:
+                first_inside.wait(timeout=30)
+                second_starting.set()
+                results[2] = latents(sd_pipe, seed=2)
+            except BaseException as error:  # noqa: BLE001
+                errors.append(error)
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not errors, errors
+        assert first_inside.is_set() and second_starting.is_set()
+        for seed in (1, 2):
+            assert max_diff(results[seed], expected[seed]) == 0.0, f"seed {seed}"
+        assert handle.stats.pipeline_calls == 4
+        assert handle.stats.last_call == [step % 3 == 0 for step in range(10)]
+
+
+def test_a_call_from_inside_a_call_raises_and_leaves_the_handle_usable(sd_pipe):
+    with accelerated(sd_pipe, cache_interval=3, compile=False) as handle:
+        expected = latents(sd_pipe)
+
+        def call_again(pipe, step, timestep, tensors):
+            pipe("nested", num_inference_steps=2, output_type="latent")
+            return {}
+
+        with pytest.raises(fastcache.ReentrantCallError, match="called from inside one of its own calls"):
+            latents(sd_pipe, callback_on_step_end=call_again)
+        assert max_diff(latents(sd_pipe), expected) == 0.0
+        assert handle.stats.last_call == [step % 3 == 0 for step in range(10)]
