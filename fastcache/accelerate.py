@@ -98,7 +98,13 @@ def _accelerated_class(base: type, handle: "FastCache") -> type:
 
     @functools.wraps(base_call)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with handle._one_call_at_a_time():
+        if handle._in_pipeline_call and handle._call_thread == threading.get_ident():
+            raise ReentrantCallError(
+                "the accelerated pipeline was called from inside one of its own calls (a step "
+                "callback?); fastcache runs one call at a time per pipeline. Make that call after "
+                "the outer one returns, or on another pipeline."
+            )
+        with handle._exclusive():
             handle._begin_pipeline_call()
             handle._in_pipeline_call = True
             try:
@@ -187,7 +193,7 @@ class FastCache:
         self._seen_keys: set[Hashable] = set()
         self._in_pipeline_call = False
         # One pipeline call at a time: the static buffers, the kept features and the dispatcher
-        # hold one call's state (see _one_call_at_a_time).
+        # hold one call's state (see _exclusive).
         self._call_lock = threading.Lock()
         self._call_thread: int | None = None
         # True once reset() was called: U-Net calls outside a pipeline call then skip the per-call
@@ -236,6 +242,13 @@ class FastCache:
         shallow graph both run. Pass any other call argument (``guidance_scale``, ``image`` and
         ``strength`` for img2img...) as the serving calls will: the shapes must match theirs.
         """
+        with self._exclusive():  # no other thread's call may run with the warm-up's schedule
+            return self._warmup(height, width, batch_size, num_inference_steps, call_kwargs)
+
+    def _warmup(
+        self, height: int | None, width: int | None, batch_size: int, num_inference_steps: int,
+        call_kwargs: dict[str, Any],
+    ) -> WarmupReport:
         self._require_enabled()
         kwargs: dict[str, Any] = dict(
             num_images_per_prompt=batch_size,
@@ -301,7 +314,15 @@ class FastCache:
         self._loop_managed = True
 
     def disable(self) -> None:
-        """Restore the pipeline exactly as it was and free graphs and cached features."""
+        """Restore the pipeline exactly as it was and free graphs and cached features.
+
+        From another thread, waits for a pipeline call under way to finish (its graphs are in
+        use); from inside a call (fastcache's own error handling, a step callback) it acts at once.
+        """
+        with self._exclusive():
+            self._disable_now()
+
+    def _disable_now(self) -> None:
         if not self.enabled:
             return
         self._uninstall()
@@ -323,21 +344,18 @@ class FastCache:
             self._side_models.uninstall()
 
     @contextlib.contextmanager
-    def _one_call_at_a_time(self) -> Iterator[None]:
-        """Serialise pipeline calls from several threads (a threaded web server's workers).
+    def _exclusive(self) -> Iterator[None]:
+        """One pipeline call, warm-up or disable() at a time; other threads wait their turn.
 
         A call's graphs, static buffers, kept features and step counter are shared by every call
-        of this handle, so overlapping calls would silently mix their steps; queueing them costs
-        nothing on one GPU, whose stream runs one call's kernels at a time anyway. A call made
-        from inside a call on the same thread (a step callback calling the pipeline) cannot wait
-        for itself: it raises.
+        of this handle, so overlapping calls (a threaded web server's workers) would silently mix
+        their steps; queueing them costs nothing on one GPU, whose stream runs one call's kernels
+        at a time anyway. The thread that holds the lock passes (warmup's own pipeline call,
+        disable() from fastcache's error handling inside a call).
         """
         if self._call_thread == threading.get_ident():
-            raise ReentrantCallError(
-                "the accelerated pipeline was called from inside one of its own calls (a step "
-                "callback?); fastcache runs one call at a time per pipeline. Make that call after "
-                "the outer one returns, or on another pipeline."
-            )
+            yield
+            return
         with self._call_lock:
             self._call_thread = threading.get_ident()
             try:

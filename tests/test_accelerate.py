@@ -397,3 +397,64 @@ def test_a_call_from_inside_a_call_raises_and_leaves_the_handle_usable(sd_pipe):
             latents(sd_pipe, callback_on_step_end=call_again)
         assert max_diff(latents(sd_pipe), expected) == 0.0
         assert handle.stats.last_call == [step % 3 == 0 for step in range(10)]
+
+
+def test_disable_from_another_thread_waits_for_the_call_under_way(sd_pipe):
+    handle = fastcache.accelerate(sd_pipe, cache_interval=3, compile=False)
+    try:
+        expected = latents(sd_pipe, seed=1)
+        call_inside, results = threading.Event(), {}
+
+        def hold(pipe, step, timestep, tensors):
+            if step == 1:
+                call_inside.set()
+                time.sleep(0.5)  # disable() is now waiting, or would be freeing the graphs
+            return {}
+
+        caller = threading.Thread(target=lambda: results.update(latents=latents(sd_pipe, seed=1, callback_on_step_end=hold)))
+        caller.start()
+        assert call_inside.wait(timeout=60)
+        disabler = threading.Thread(target=handle.disable)
+        disabler.start()
+        disabler.join(timeout=0.2)
+        assert disabler.is_alive() and handle.enabled, "disable() did not wait for the call"
+        caller.join(timeout=60)
+        disabler.join(timeout=60)
+        assert max_diff(results["latents"], expected) == 0.0
+        assert not handle.enabled
+        assert_untouched(sd_pipe)
+    finally:
+        handle.disable()
+
+
+def test_a_call_from_another_thread_waits_for_warmup_to_finish(sd_pipe):
+    """Warm-up forces its own schedule until it returns; a call queued meanwhile must not run with it.
+
+    The handle's dispatcher is made to pause just as warm-up lifts its schedule (after its own
+    pipeline call): a call that got in there would take the warm-up's schedule (refresh at step 0
+    only) and give other latents.
+    """
+    with accelerated(sd_pipe, cache_interval=3, compile=False) as handle:
+        expected = latents(sd_pipe, seed=1)
+        dispatcher, lifting, results = handle._dispatcher, threading.Event(), {}
+        force = dispatcher.force
+
+        def slow_lift(schedule):
+            if schedule is None:
+                lifting.set()
+                time.sleep(0.5)
+            force(schedule)
+
+        dispatcher.force = slow_lift
+        try:
+            warming = threading.Thread(target=lambda: handle.warmup(height=128, width=128))
+            warming.start()
+            assert lifting.wait(timeout=60)
+            caller = threading.Thread(target=lambda: results.update(latents=latents(sd_pipe, seed=1)))
+            caller.start()
+            warming.join(timeout=60)
+            caller.join(timeout=60)
+        finally:
+            dispatcher.force = force
+        assert max_diff(results["latents"], expected) == 0.0
+        assert handle.stats.last_call == [step % 3 == 0 for step in range(10)]
