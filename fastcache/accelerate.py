@@ -52,6 +52,7 @@ from .runtime import (
     MemoryReport,
     Runner,
     StepInputs,
+    autograd_off,
     compile_kwargs,
     describe_key,
 )
@@ -470,17 +471,18 @@ class FastCache:
                     "its pipeline's calls, so call reset() on the handle before each denoising loop "
                     "(until then every such call also re-checks the model for LoRA changes)"
                 )
-        inputs = StepInputs.from_unet_call(
-            sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
-            down_block_additional_residuals, mid_block_additional_residual,
-        )
-        key = inputs.key()
-        refresh = self._dispatcher.next_call(self.pipe.scheduler, key)
-        if self._controlnet_reuse is not None:  # stores (or, as a safety net, recomputes) its residuals
-            inputs = self._controlnet_reuse.unet_call(refresh, key, inputs)
-        lora_scale = float((cross_attention_kwargs or {}).get("scale", 1.0))
-        with torch.no_grad(), self._lora.applied(lora_scale):
-            noise = self._run(refresh, key, inputs)
+        with autograd_off():  # the same state in and out of the caller's torch.inference_mode
+            inputs = StepInputs.from_unet_call(
+                sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
+                down_block_additional_residuals, mid_block_additional_residual,
+            )
+            key = inputs.key()
+            refresh = self._dispatcher.next_call(self.pipe.scheduler, key)
+            if self._controlnet_reuse is not None:  # stores (or, as a safety net, recomputes) its residuals
+                inputs = self._controlnet_reuse.unet_call(refresh, key, inputs)
+            lora_scale = float((cross_attention_kwargs or {}).get("scale", 1.0))
+            with self._lora.applied(lora_scale):
+                noise = self._run(refresh, key, inputs)
         self._seen_keys.add(key)  # served (a shape refused in strict mode is not "seen")
         self.stats.last_call.append(refresh)
         if refresh:

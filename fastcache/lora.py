@@ -96,7 +96,8 @@ class LoraScales:
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         self.layers = lora_layers(model)
         self.entries = [(layer, adapter) for layer in self.layers for adapter in layer.scaling]
-        self.buffer = torch.zeros(len(self.entries), dtype=torch.float32, device=device)
+        with torch.inference_mode(False):  # written at every run, in or out of inference mode
+            self.buffer = torch.zeros(len(self.entries), dtype=torch.float32, device=device)
         self._views = list(self.buffer.unbind(0))
         self._uploaded: tuple[float, ...] | None = None
 

@@ -39,6 +39,35 @@ def host_tensor(values: Any, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory() if device.type == "cuda" else tensor
 
 
+@contextlib.contextmanager
+def autograd_off() -> Iterator[None]:
+    """The autograd state fastcache's graphs always run in, whatever the caller's: ``no_grad``
+    with inference mode off.
+
+    Under a caller's ``torch.inference_mode`` every tensor made is an inference tensor, and the
+    dispatch keys dynamo guards on change. Without a fixed state, static buffers and kept
+    features made in a warm-up under inference mode could not be written by a later call outside
+    it ("Inplace update to inference tensor outside InferenceMode"), and a graph compiled in one
+    mode would recompile in the other (refused in strict serving).
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def without_inference_tensors(value: Any) -> Any:
+    """`value` (a tensor, or tuples, lists and dicts of them) with each inference tensor replaced
+    by a normal copy, for a compiled function: dynamo guards on an input's dispatch keys, which
+    differ for inference tensors, so feeding one after a warm-up with normal tensors recompiles.
+    Run under `autograd_off` (a copy made in inference mode is an inference tensor again)."""
+    if torch.is_tensor(value):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(without_inference_tensors(item) for item in value)
+    if isinstance(value, dict):
+        return {name: without_inference_tensors(item) for name, item in value.items()}
+    return value
+
+
 @dataclass
 class StepInputs:
     """The tensors of one U-Net call, normalised so that equal shape keys trace the same graph.
@@ -314,12 +343,12 @@ class CompiledRunner(Runner):
         return self.compiled.call(which, key, self.may_prepare(key), *args)
 
     def refresh(self, key: Hashable, inputs: StepInputs) -> Tensor:
-        noise, self._kept = self._call("full", key, *inputs.args())
+        noise, self._kept = self._call("full", key, *without_inference_tensors(inputs.args()))
         return noise
 
     def cached(self, key: Hashable, inputs: StepInputs) -> Tensor:
         assert self._kept is not None, "the dispatcher refreshes before any cached step"
-        return self._call("shallow", key, *inputs.args(), self._kept)
+        return self._call("shallow", key, *without_inference_tensors(inputs.args()), self._kept)
 
     def release(self) -> None:
         self._kept = None

@@ -19,6 +19,7 @@ import torch
 
 from .errors import InvalidConfigError
 from .patching import InstancePatch
+from .runtime import without_inference_tensors
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -53,12 +54,16 @@ class CompiledMethod:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = _shape_key(args, kwargs)
-        if key in self.shapes:
-            return self._compiled(*args, **kwargs)
-        try:
-            result = self._compiled(*args, **kwargs)
-        except Exception as error:
-            raise CompileFailure(f"compiling {self.label} for a new input shape", error) from error
+        # Inference mode off, inference-tensor inputs copied: one graph in and out of a caller's
+        # torch.inference_mode (runtime.without_inference_tensors); grad mode stays the caller's.
+        with torch.inference_mode(False):
+            args, kwargs = without_inference_tensors((args, kwargs))
+            if key in self.shapes:
+                return self._compiled(*args, **kwargs)
+            try:
+                result = self._compiled(*args, **kwargs)
+            except Exception as error:
+                raise CompileFailure(f"compiling {self.label} for a new input shape", error) from error
         self.shapes.add(key)
         return result
 

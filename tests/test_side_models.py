@@ -75,3 +75,19 @@ def test_a_side_model_compile_failure_restores_the_pipeline(sd_pipe):
     assert not handle.enabled
     assert_untouched(sd_pipe)
     assert not _side_attributes(sd_pipe)
+
+
+def test_side_models_serve_in_and_out_of_inference_mode_without_compiling(sd_pipe):
+    """A warm-up under torch.inference_mode, calls outside it (and back): the same images and no
+    new graph (inference-tensor inputs would change dynamo's guards)."""
+    expected = _images(sd_pipe)
+    with accelerated(sd_pipe, cache_interval=1, compile_backend="eager", compile_vae=True,
+                     compile_text_encoders=True) as handle:
+        with torch.inference_mode():
+            handle.warmup(height=128, width=128)
+        graphs = _graph_count()
+        actual = _images(sd_pipe)
+        with torch.inference_mode():
+            again = _images(sd_pipe)
+        assert _graph_count() == graphs, "a change of inference mode compiled a side model again"
+    assert abs(actual - expected).max() <= 1e-6 and abs(again - expected).max() <= 1e-6
