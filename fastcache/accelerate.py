@@ -108,6 +108,7 @@ def _accelerated_class(base: type, handle: "FastCache") -> type:
         with handle._exclusive():
             handle._begin_pipeline_call()
             handle._in_pipeline_call = True
+            handle._calling_pipe = self
             try:
                 with timesteps_on_host(self.scheduler) if handle.config.host_timesteps else contextlib.nullcontext():
                     return base_call(self, *args, **kwargs)
@@ -120,6 +121,7 @@ def _accelerated_class(base: type, handle: "FastCache") -> type:
                 ) from failure.__cause__
             finally:
                 handle._in_pipeline_call = False
+                handle._calling_pipe = handle.pipe
 
     namespace = {
         "__call__": __call__,
@@ -173,6 +175,14 @@ class FastCache:
                 "this pipeline is already accelerated by fastcache; call disable() on its handle first"
             )
         previous_forward = vars(unet).get("forward")
+        owner = getattr(previous_forward, "__self__", None)
+        if isinstance(owner, FastCache):
+            raise AlreadyAcceleratedError(
+                f"this pipeline's U-Net is already accelerated by fastcache for a "
+                f"{owner._original_class.__name__} "
+                "that shares it (from_pipe, or **pipe.components); share that handle's graphs with "
+                "handle.attach(pipe) instead"
+            )
         if previous_forward is not None and previous_forward != type(unet).forward.__get__(unet):
             raise AlreadyAcceleratedError(
                 "pipe.unet.forward is already replaced by another tool (is DeepCache's helper enabled?); "
@@ -190,6 +200,10 @@ class FastCache:
         self._fingerprint = model_fingerprint(unet)
         self._compilations_before = 0
         self._original_class = type(pipe)
+        # Other pipelines sharing this U-Net (attach), with their own classes; and the pipeline
+        # whose call is under way, whose scheduler the dispatcher reads.
+        self._attached: list[tuple[Any, type]] = []
+        self._calling_pipe: Any = pipe
         self._unet_patch = InstancePatch(unet, "forward", self._unet_forward)  # keeps another tool's forward
         self._seen_keys: set[Hashable] = set()
         self._in_pipeline_call = False
@@ -220,6 +234,13 @@ class FastCache:
             self._uninstall()
             raise
         self.enabled = True
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "FastCache":
+        # Reached through the U-Net's patched forward when an accelerated model is deep-copied.
+        raise UnsupportedPipelineError(
+            "an accelerated pipeline or U-Net cannot be deep-copied (its forward belongs to the "
+            "fastcache handle and its graphs): copy it before fastcache.accelerate or after disable()"
+        )
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -287,6 +308,35 @@ class FastCache:
         new = tuple(describe_key(key) for key in self._seen_keys - known)
         return WarmupReport(time.perf_counter() - start, new, self.compilations - before)
 
+    def attach(self, pipe: Any) -> None:
+        """Accelerate another pipeline that shares this one's U-Net (``from_pipe``, or built from
+        ``**pipe.components``: an img2img or inpaint pipeline beside a text-to-image one).
+
+        Both pipelines then use the same graphs (one per input shape, whichever pipeline made it),
+        settings and counters; each call re-arms at its start and follows the calling pipeline's
+        scheduler. `disable()` restores both. Without this, the other pipeline's calls would run
+        the accelerated U-Net with no re-arm at their start.
+        """
+        self._require_enabled()
+        with self._exclusive():
+            if getattr(pipe, "unet", None) is not self.unet:
+                raise UnsupportedPipelineError(
+                    f"attach() needs a pipeline that shares this handle's U-Net (pipe.unet is the same "
+                    f"object); {type(pipe).__name__}'s U-Net is another one: accelerate it on its own"
+                )
+            if pipe is self.pipe or getattr(type(pipe), "_fastcache_handle", None) is not None:
+                raise AlreadyAcceleratedError(f"this {type(pipe).__name__} is already accelerated by fastcache")
+            if self._controlnet_reuse is not None:
+                raise InvalidConfigError(
+                    "attach() does not support controlnet_reuse (it follows one pipeline's ControlNet); "
+                    "accelerate without controlnet_reuse to share the U-Net between pipelines"
+                )
+            if not hasattr(pipe, "scheduler"):
+                raise UnsupportedPipelineError(f"{type(pipe).__name__} has no scheduler")
+            original = type(pipe)
+            pipe.__class__ = _accelerated_class(original, self)
+            self._attached.append((pipe, original))
+
     def memory(self) -> MemoryReport:
         """Device memory fastcache holds between calls beyond the pipeline's own (bytes): static
         input and output buffers, kept features, and on CUDA the graphs' shared memory pool."""
@@ -339,6 +389,10 @@ class FastCache:
         self._unet_patch.undo()
         if getattr(type(self.pipe), "_fastcache_handle", None) is self:
             self.pipe.__class__ = self._original_class
+        for pipe, original in reversed(self._attached):
+            if getattr(type(pipe), "_fastcache_handle", None) is self:
+                pipe.__class__ = original
+        self._attached.clear()
         if self._controlnet_reuse is not None:
             self._controlnet_reuse.uninstall()
         if self._side_models is not None:
@@ -466,10 +520,11 @@ class FastCache:
             if not self._warned_outside_call:
                 self._warned_outside_call = True
                 logger.warning(
-                    "pipe.unet was called outside the accelerated pipeline's __call__ (a custom loop, "
-                    "or another pipeline sharing this U-Net): fastcache re-arms only at the start of "
-                    "its pipeline's calls, so call reset() on the handle before each denoising loop "
-                    "(until then every such call also re-checks the model for LoRA changes)"
+                    "pipe.unet was called outside the accelerated pipeline's __call__: fastcache "
+                    "re-arms only at the start of its pipelines' calls. Another pipeline sharing this "
+                    "U-Net: accelerate it too with handle.attach(other_pipe). A custom loop: call "
+                    "reset() on the handle before each denoising loop (until then every such call "
+                    "also re-checks the model for LoRA changes)"
                 )
         with autograd_off():  # the same state in and out of the caller's torch.inference_mode
             inputs = StepInputs.from_unet_call(
@@ -477,7 +532,7 @@ class FastCache:
                 down_block_additional_residuals, mid_block_additional_residual,
             )
             key = inputs.key()
-            refresh = self._dispatcher.next_call(self.pipe.scheduler, key)
+            refresh = self._dispatcher.next_call(self._calling_pipe.scheduler, key)
             if self._controlnet_reuse is not None:  # stores (or, as a safety net, recomputes) its residuals
                 inputs = self._controlnet_reuse.unet_call(refresh, key, inputs)
             lora_scale = float((cross_attention_kwargs or {}).get("scale", 1.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import threading
@@ -496,3 +497,52 @@ def test_torch_inference_mode_in_warmup_or_serving_changes_nothing(sd_pipe, deep
             assert max_diff(actual, expected) <= 1e-5, f"served in inference mode: {serve_in_inference_mode}"
         assert handle.compilations == compilations
         assert handle.stats.cached_steps > 0
+
+
+ATTACH_IMAGE = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+
+
+def _img2img_latents(pipe, seed=0):
+    return latents(pipe, seed=seed, image=ATTACH_IMAGE, strength=0.7)
+
+
+@pytest.mark.covers("attach(): a second pipeline sharing the U-Net (from_pipe)", "= DeepCache")
+@pytest.mark.covers("attach(): a second pipeline sharing the U-Net (from_pipe)", "emulated CUDA Graphs")
+def test_attached_pipeline_shares_graphs_and_re_arms_at_its_calls(sd_pipe):
+    """A text-to-image and an img2img pipeline on one U-Net, calls interleaved: each equals
+    DeepCache's helper on that pipeline alone, and the img2img calls reuse the shape's graphs."""
+    from diffusers import AutoPipelineForImage2Image
+
+    img2img = AutoPipelineForImage2Image.from_pipe(sd_pipe)
+    assert img2img.unet is sd_pipe.unet
+    expected_text = deepcache_latents(sd_pipe, 3, 0)
+    expected_image = deepcache_latents(img2img, 3, 0, image=ATTACH_IMAGE, strength=0.7)
+    with accelerated(sd_pipe, cache_interval=3, compile=False, emulate_graphs=True) as handle:
+        with pytest.raises(AlreadyAcceleratedError, match=r"handle\.attach\(pipe\)"):
+            fastcache.accelerate(img2img)
+        handle.attach(img2img)
+        assert max_diff(latents(sd_pipe), expected_text) <= 1e-5
+        captures = handle._runner.captures
+        for _ in range(2):  # the second time, its first step must refresh again
+            assert max_diff(_img2img_latents(img2img), expected_image) <= 1e-5
+            assert handle.stats.last_call == [step % 3 == 0 for step in range(7)]
+        assert handle._runner.captures == captures, "img2img at the same shape captured new graphs"
+        assert max_diff(latents(sd_pipe), expected_text) <= 1e-5
+    assert_untouched(img2img)
+    assert_untouched(sd_pipe)
+
+
+def test_attach_refuses_what_it_cannot_share(sd_pipe):
+    own_unet = StableDiffusionImg2ImgPipeline(**{**sd_pipe.components, "unet": copy.deepcopy(sd_pipe.unet)})
+    with accelerated(sd_pipe, compile=False) as handle:
+        with pytest.raises(UnsupportedPipelineError, match="shares this handle's U-Net"):
+            handle.attach(own_unet)
+        with pytest.raises(UnsupportedPipelineError, match="cannot be deep-copied"):
+            copy.deepcopy(sd_pipe.unet)
+        with pytest.raises(AlreadyAcceleratedError, match="already accelerated"):
+            handle.attach(sd_pipe)
+        other = StableDiffusionImg2ImgPipeline(**sd_pipe.components)
+        handle.attach(other)
+        with pytest.raises(AlreadyAcceleratedError, match="already accelerated"):
+            handle.attach(other)
+    assert_untouched(other)
