@@ -94,6 +94,11 @@ def unet_layout(unet: Any) -> UNetLayout:
     """
     from diffusers import UNet2DConditionModel
 
+    if isinstance(unet, torch.nn.Module) and isinstance(getattr(unet, "_orig_mod", None), UNet2DConditionModel):
+        raise UnsupportedPipelineError(
+            "this pipeline's unet is already wrapped by torch.compile; fastcache compiles the U-Net "
+            "itself (its two graphs): give it the plain module, pipe.unet = pipe.unet._orig_mod"
+        )
     if not isinstance(unet, UNet2DConditionModel):
         raise UnsupportedPipelineError(
             f"fastcache splits diffusers' UNet2DConditionModel; this pipeline's unet is "

@@ -66,6 +66,8 @@ def test_unknown_pipelines_are_refused(sd_pipe):
         fastcache.accelerate(SimpleNamespace(scheduler=None))
     with pytest.raises(UnsupportedPipelineError, match="unet is Linear"):
         fastcache.accelerate(_FakePipeline(unet=torch.nn.Linear(2, 2)))
+    with pytest.raises(UnsupportedPipelineError, match=r"already wrapped by torch.compile.*_orig_mod"):
+        fastcache.accelerate(_FakePipeline(unet=torch.compile(sd_pipe.unet)))
     assert_untouched(sd_pipe)
 
 
