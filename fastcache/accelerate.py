@@ -106,7 +106,7 @@ def _accelerated_class(base: type, handle: "FastCache") -> type:
                 "the outer one returns, or on another pipeline."
             )
         with handle._exclusive():
-            handle._begin_pipeline_call()
+            handle._begin_pipeline_call(self)
             handle._in_pipeline_call = True
             handle._calling_pipe = self
             try:
@@ -418,7 +418,13 @@ class FastCache:
             finally:
                 self._call_thread = None
 
-    def _begin_pipeline_call(self) -> None:
+    def _begin_pipeline_call(self, pipe: Any) -> None:
+        if getattr(pipe, "unet", None) is not self.unet:
+            raise UnsupportedInputError(
+                f"this {type(pipe).__name__}'s unet was replaced after fastcache.accelerate, so it "
+                "would run without fastcache; call disable() on the handle, then accelerate the "
+                "pipeline again with its new U-Net"
+            )
         if getattr(self.unet, "_hf_hook", None) is not None:
             raise UnsupportedInputError(
                 "the U-Net got accelerate hooks (enable_model_cpu_offload / device_map) after "

@@ -548,3 +548,19 @@ def test_attach_refuses_what_it_cannot_share(sd_pipe):
         with pytest.raises(AlreadyAcceleratedError, match="already accelerated"):
             handle.attach(other)
     assert_untouched(other)
+
+
+def test_a_unet_replaced_after_accelerate_is_refused_at_the_call(sd_pipe):
+    """Otherwise the new U-Net would run plain diffusers, silently without fastcache."""
+    original, replacement = sd_pipe.unet, copy.deepcopy(sd_pipe.unet)
+    expected = latents(sd_pipe, steps=3)
+    handle = fastcache.accelerate(sd_pipe, compile=False)
+    try:
+        sd_pipe.unet = replacement
+        with pytest.raises(UnsupportedInputError, match="unet was replaced after fastcache.accelerate"):
+            latents(sd_pipe, steps=3)
+    finally:
+        handle.disable()
+        sd_pipe.unet = original
+    assert_untouched(sd_pipe)
+    assert torch.equal(latents(sd_pipe, steps=3), expected)
