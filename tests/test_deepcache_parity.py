@@ -118,3 +118,20 @@ def test_heun_counts_steps_not_unet_calls(sd_pipe):
         assert max_diff(actual, expected) <= EAGER_TOLERANCE
     finally:
         sd_pipe.scheduler = original
+
+
+@pytest.mark.covers("height/width whose latents the U-Net's down-sampling does not divide", "= DeepCache")
+@pytest.mark.covers("height/width whose latents the U-Net's down-sampling does not divide", "compiled (dynamo, no graph breaks)")
+@pytest.mark.covers("height/width whose latents the U-Net's down-sampling does not divide", "emulated CUDA Graphs")
+def test_sizes_the_down_sampling_does_not_divide_match_deepcache(any_pipe):
+    """72x136 px: latents 9x17, which no down-sampling level divides evenly. The U-Net then passes
+    each skip's size to its up-sampler (diffusers' forward_upsample_size), and so must the split."""
+    size = dict(height=72, width=136)
+    expected = {branch: deepcache_latents(any_pipe, 3, branch, **size)
+                for branch in (0, unet_layout(any_pipe.unet).num_branches - 1)}
+    for branch, reference in expected.items():
+        with accelerated(any_pipe, cache_interval=3, cache_branch_id=branch, compile=False):
+            assert max_diff(latents(any_pipe, **size), reference) <= EAGER_TOLERANCE, f"branch {branch}"
+    with accelerated(any_pipe, cache_interval=3, compile_backend="eager", emulate_graphs=True) as handle:
+        assert max_diff(latents(any_pipe, **size), expected[0]) <= EAGER_TOLERANCE, "dynamo + emulated graphs"
+        assert handle.stats.cached_steps > 0
