@@ -224,3 +224,23 @@ def test_cuda_graphs_of_every_shape_share_one_pool(cuda_pipe):
         assert two.graph_pool >= two.static_outputs + two.kept_features
         assert two.total <= torch.cuda.memory_reserved()
         print(f"fastcache memory, tiny SD fp16, 128 and 64 px, batch 2: {two}")
+
+
+@cuda
+@pytest.mark.covers("torch.inference_mode around warmup or calls", "CUDA Graphs", cuda_only=True)
+def test_cuda_graphs_warmed_in_inference_mode_serve_outside_it(cuda_pipe):
+    """Static buffers made under torch.inference_mode would be inference tensors, which a call
+    outside it may not copy into; fastcache captures with inference mode off (strict: no capture
+    or compile after the warm-up, in either mode)."""
+    with accelerated(cuda_pipe, cache_interval=3, cuda_graphs=False):
+        expected = latents(cuda_pipe)
+    with accelerated(cuda_pipe, cache_interval=3, strict=True) as handle:
+        with torch.inference_mode():
+            handle.warmup()
+        captures = handle._runner.captures
+        outside = latents(cuda_pipe)
+        with torch.inference_mode():
+            inside = latents(cuda_pipe)
+        assert handle._runner.captures == captures == 2
+    assert_close_relative(outside.float(), expected.float(), 1e-3)
+    assert torch.equal(inside, outside)
