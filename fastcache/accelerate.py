@@ -5,7 +5,9 @@ Two things change on the pipeline, both undone exactly by `FastCache.disable()`:
 * ``pipe.unet.forward`` (an instance attribute; the class's forward is untouched) becomes the
   dispatcher + runner: each U-Net call runs the full or the shallow graph;
 * ``pipe.__class__`` becomes a same-named subclass whose ``__call__`` re-arms the dispatcher, so
-  the first U-Net call of every pipeline call is a refresh.
+  the first U-Net call of every pipeline call is a refresh (and takes the handle's lock, so that
+  calls from several threads run one after the other). `FastCache.attach` does the same to
+  another pipeline that shares the U-Net.
 
 Options add instance attributes of the same kind, also undone by `disable()`:
 ``pipe.controlnet.forward`` with ``controlnet_reuse=True`` (controlnet_reuse.py), and
