@@ -511,6 +511,10 @@ class FastCache:
             )
             if value is not None and not (isinstance(value, Mapping) and not value)
         ]
+        if torch.is_grad_enabled() and any(
+            torch.is_tensor(value) and value.requires_grad for value in (sample, encoder_hidden_states)
+        ):
+            unsupported.append("inputs that require grad (fastcache runs the U-Net without autograd)")
         extra = set(added_cond_kwargs or {}) - set(ADDED_COND_KWARGS)
         if extra:
             unsupported.append(f"added_cond_kwargs {sorted(extra)} (supported: {sorted(ADDED_COND_KWARGS)})")

@@ -109,6 +109,17 @@ def test_unsupported_unet_inputs_raise_clearly(sd_pipe, call, message):
         assert handle.enabled
 
 
+def test_inputs_that_require_grad_raise_instead_of_losing_their_gradient(sd_pipe):
+    """A loop differentiating through the U-Net (gradient guidance) would otherwise get an output
+    with no autograd history, and a confusing error later."""
+    with accelerated(sd_pipe, compile=False):
+        sample = torch.zeros(2, 4, 16, 16, requires_grad=True)
+        with pytest.raises(UnsupportedInputError, match="require grad"):
+            sd_pipe.unet(sample, 10, torch.zeros(2, 77, 32))
+        with torch.no_grad():  # no gradient asked for: runs
+            assert sd_pipe.unet(sample, 10, torch.zeros(2, 77, 32)).sample.shape == sample.shape
+
+
 def test_unsupported_input_through_the_pipeline(sd_pipe):
     with accelerated(sd_pipe, compile=False):
         with pytest.raises(UnsupportedInputError, match="cross_attention_kwargs"):
