@@ -575,3 +575,36 @@ def test_a_unet_replaced_after_accelerate_is_refused_at_the_call(sd_pipe):
         sd_pipe.unet = original
     assert_untouched(sd_pipe)
     assert torch.equal(latents(sd_pipe, steps=3), expected)
+
+
+def test_pipelines_per_thread_with_their_own_schedulers_take_turns_once_attached(sd_pipe):
+    """diffusers' suggested threading pattern (issue #1606): one pipeline per thread, sharing the
+    modules, each with a copy of the scheduler. Attached, each thread's calls give its own result."""
+    from diffusers import StableDiffusionPipeline
+
+    workers = [StableDiffusionPipeline(**{**sd_pipe.components, "scheduler": copy.deepcopy(sd_pipe.scheduler)})
+               for _ in range(2)]
+    expected = deepcache_latents(sd_pipe, 3, 0, seed=4)
+    results, errors = [None, None], []
+    with accelerated(sd_pipe, cache_interval=3, compile=False) as handle:
+        for worker in workers:
+            handle.attach(worker)
+
+        def run(index):
+            try:
+                results[index] = [latents(workers[index], seed=4) for _ in range(2)]
+            except BaseException as error:  # noqa: BLE001 (reported below)
+                errors.append(error)
+
+        threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert handle.stats.pipeline_calls == 4
+    assert not errors, errors
+    for outputs in results:
+        for output in outputs:
+            assert max_diff(output, expected) <= 1e-5
+    for worker in workers:
+        assert_untouched(worker)
