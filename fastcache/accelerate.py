@@ -237,6 +237,15 @@ class FastCache:
             raise
         self.enabled = True
 
+    def __repr__(self) -> str:
+        pipelines = [self._original_class.__name__] + [original.__name__ for _, original in self._attached]
+        shapes = sorted(describe_key(key) for key in self._seen_keys)
+        return (
+            f"FastCache({' + '.join(pipelines)}, cache_interval={self.config.cache_interval}, "
+            f"cache_branch_id={self.config.cache_branch_id}, runtime={self.runtime!r}, "
+            f"shapes={shapes}, enabled={self.enabled})"
+        )
+
     def __deepcopy__(self, memo: dict[int, Any]) -> "FastCache":
         # Reached through the U-Net's patched forward when an accelerated model is deep-copied.
         raise UnsupportedPipelineError(

@@ -608,3 +608,14 @@ def test_pipelines_per_thread_with_their_own_schedulers_take_turns_once_attached
             assert max_diff(output, expected) <= 1e-5
     for worker in workers:
         assert_untouched(worker)
+
+
+def test_the_handle_says_what_it_runs(sd_pipe):
+    img2img = StableDiffusionImg2ImgPipeline(**sd_pipe.components)
+    with accelerated(sd_pipe, cache_interval=2, cache_branch_id=1, compile=False) as handle:
+        handle.attach(img2img)
+        handle.warmup(height=128, width=128)
+        assert repr(handle) == (
+            "FastCache(StableDiffusionPipeline + StableDiffusionImg2ImgPipeline, cache_interval=2, "
+            "cache_branch_id=1, runtime='eager', shapes=['batch 2, latents 4x16x16, float32 on cpu'], enabled=True)"
+        )
