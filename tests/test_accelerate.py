@@ -521,11 +521,12 @@ def _img2img_latents(pipe, seed=0):
 
 @pytest.mark.covers("attach(): a second pipeline sharing the U-Net (from_pipe)", "= DeepCache")
 @pytest.mark.covers("attach(): a second pipeline sharing the U-Net (from_pipe)", "emulated CUDA Graphs")
-def test_attached_pipeline_shares_graphs_and_re_arms_at_its_calls(sd_pipe):
+def test_attached_pipeline_shares_graphs_and_re_arms_at_its_calls(any_pipe):
     """A text-to-image and an img2img pipeline on one U-Net, calls interleaved: each equals
     DeepCache's helper on that pipeline alone, and the img2img calls reuse the shape's graphs."""
     from diffusers import AutoPipelineForImage2Image
 
+    sd_pipe = any_pipe
     img2img = AutoPipelineForImage2Image.from_pipe(sd_pipe)
     assert img2img.unet is sd_pipe.unet
     expected_text = deepcache_latents(sd_pipe, 3, 0)
