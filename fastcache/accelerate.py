@@ -101,7 +101,7 @@ def _accelerated_class(base: type, handle: "FastCache") -> type:
 
     @functools.wraps(base_call)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if handle._in_pipeline_call and handle._call_thread == threading.get_ident():
+        if handle._calling_pipe is not None and handle._call_thread == threading.get_ident():
             raise ReentrantCallError(
                 "the accelerated pipeline was called from inside one of its own calls (a step "
                 "callback?); fastcache runs one call at a time per pipeline. Make that call after "
@@ -109,7 +109,6 @@ def _accelerated_class(base: type, handle: "FastCache") -> type:
             )
         with handle._exclusive():
             handle._begin_pipeline_call(self)
-            handle._in_pipeline_call = True
             handle._calling_pipe = self
             try:
                 with timesteps_on_host(self.scheduler) if handle.config.host_timesteps else contextlib.nullcontext():
@@ -122,8 +121,7 @@ def _accelerated_class(base: type, handle: "FastCache") -> type:
                     "leave that model eager."
                 ) from failure.__cause__
             finally:
-                handle._in_pipeline_call = False
-                handle._calling_pipe = handle.pipe
+                handle._calling_pipe = None
 
     namespace = {
         "__call__": __call__,
@@ -203,12 +201,11 @@ class FastCache:
         self._compilations_before = 0
         self._original_class = type(pipe)
         # Other pipelines sharing this U-Net (attach), with their own classes; and the pipeline
-        # whose call is under way, whose scheduler the dispatcher reads.
+        # whose call is under way (None between calls), whose scheduler the dispatcher reads.
         self._attached: list[tuple[Any, type]] = []
-        self._calling_pipe: Any = pipe
+        self._calling_pipe: Any | None = None
         self._unet_patch = InstancePatch(unet, "forward", self._unet_forward)  # keeps another tool's forward
         self._seen_keys: set[Hashable] = set()
-        self._in_pipeline_call = False
         # One pipeline call at a time: the static buffers, the kept features and the dispatcher
         # hold one call's state (see _exclusive).
         self._call_lock = threading.Lock()
@@ -536,7 +533,7 @@ class FastCache:
             )
         if sample.device != self._device:
             self._move_to(sample.device)
-        if not self._in_pipeline_call and not self._loop_managed:
+        if self._calling_pipe is None and not self._loop_managed:
             self._check_model()
             if not self._warned_outside_call:
                 self._warned_outside_call = True
@@ -553,7 +550,8 @@ class FastCache:
                 down_block_additional_residuals, mid_block_additional_residual,
             )
             key = inputs.key()
-            refresh = self._dispatcher.next_call(self._calling_pipe.scheduler, key)
+            calling = self._calling_pipe if self._calling_pipe is not None else self.pipe  # a custom loop
+            refresh = self._dispatcher.next_call(calling.scheduler, key)
             if self._controlnet_reuse is not None:  # stores (or, as a safety net, recomputes) its residuals
                 inputs = self._controlnet_reuse.unet_call(refresh, key, inputs)
             lora_scale = float((cross_attention_kwargs or {}).get("scale", 1.0))

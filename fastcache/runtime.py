@@ -58,7 +58,8 @@ def without_inference_tensors(value: Any) -> Any:
     """`value` (a tensor, or tuples, lists and dicts of them) with each inference tensor replaced
     by a normal copy, for a compiled function: dynamo guards on an input's dispatch keys, which
     differ for inference tensors, so feeding one after a warm-up with normal tensors recompiles.
-    Run under `autograd_off` (a copy made in inference mode is an inference tensor again)."""
+    Run under `autograd_off` (a copy made in inference mode is an inference tensor again).
+    Written out rather than with pytree's ``tree_map``: 1.7 instead of 7.9 us per U-Net call."""
     if torch.is_tensor(value):
         return value.clone() if value.is_inference() else value
     if isinstance(value, (tuple, list)):
