@@ -21,7 +21,6 @@ device next to its wall time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -33,6 +32,7 @@ from typing import Any, Callable, Hashable
 import torch
 
 from .env import environment
+from .results import write_result_files
 
 DEFAULT_PRESETS = ("sd15", "sdxl")
 
@@ -193,11 +193,8 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     text = markdown(meta, rows)
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"host-overhead-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}")
-        with open(stem + ".json", "w") as handle:
-            json.dump(dict(meta=meta, results=[asdict(row) for row in rows]), handle, indent=2)
-        with open(stem + ".md", "w") as handle:
-            handle.write(text)
-        print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+        stem = f"host-overhead-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
+        data = dict(meta=meta, results=[asdict(row) for row in rows])
+        paths = write_result_files(args.out, stem, "latest-host-overhead", data, text)
+        print(f"wrote {paths['json']} and {paths['markdown']} (and latest-host-overhead.*)", file=sys.stderr)
     return 0

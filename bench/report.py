@@ -6,13 +6,11 @@ and ``latest-<preset>.json`` are copies of the newest run's files.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import numpy as np
 
-from .results import BenchResult, MethodResult, to_jsonable
+from .results import BenchResult, MethodResult, to_jsonable, write_result_files
 from .timing import TimingStats
 
 
@@ -397,16 +395,9 @@ def write_all(result: BenchResult, out: str, stem: str, samples: dict[str, np.nd
         del paths["plot"]
     save_samples(samples, paths["samples"])
     result.meta["files"] = {k: os.path.basename(p) for k, p in paths.items()}
-    with open(paths["json"], "w") as handle:
-        json.dump(to_jsonable(result), handle, indent=1, allow_nan=False)
     plot_name = os.path.basename(paths["plot"]) if "plot" in paths else None
     text = markdown(result, plot_name, os.path.basename(paths["samples"]))
-    with open(paths["markdown"], "w") as handle:
-        handle.write(text)
-    paths["latest_markdown"] = os.path.join(out, f"latest-{preset}.md")
-    paths["latest_json"] = os.path.join(out, f"latest-{preset}.json")
-    shutil.copyfile(paths["markdown"], paths["latest_markdown"])
-    shutil.copyfile(paths["json"], paths["latest_json"])
+    paths.update(write_result_files(out, stem, f"latest-{preset}", to_jsonable(result), text))
     return paths
 
 

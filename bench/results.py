@@ -7,7 +7,10 @@ such numbers; PSNR of identical images is legitimately infinite).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,3 +141,19 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     return value
+
+
+def write_result_files(out: str, stem: str, latest: str, data: Any, text: str) -> dict[str, str]:
+    """`data` as ``<out>/<stem>.json`` (strict JSON: pass non-finite floats through
+    `to_jsonable`) and `text` as ``<stem>.md``, each copied to ``<latest>.*`` (the newest run of
+    its kind); returns the four paths."""
+    os.makedirs(out, exist_ok=True)
+    paths = {"json": os.path.join(out, stem + ".json"), "markdown": os.path.join(out, stem + ".md"),
+             "latest_json": os.path.join(out, latest + ".json"), "latest_markdown": os.path.join(out, latest + ".md")}
+    with open(paths["json"], "w") as handle:
+        json.dump(data, handle, indent=1, allow_nan=False)
+    with open(paths["markdown"], "w") as handle:
+        handle.write(text)
+    shutil.copyfile(paths["json"], paths["latest_json"])
+    shutil.copyfile(paths["markdown"], paths["latest_markdown"])
+    return paths

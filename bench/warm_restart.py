@@ -19,7 +19,6 @@ Results go to ``<out>/warm-restart-<preset>-<timestamp>.{json,md}`` and ``latest
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -27,6 +26,8 @@ import statistics
 import tempfile
 import time
 from typing import Any
+
+from .results import write_result_files
 
 MODES = ("cold", "restart-dir", "restart-file")
 
@@ -173,15 +174,9 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     columns = ("to_first_image_s", "process_s", "process_cpu_s", "dynamo_s", "backend_s")
     medians = {mode: {name: _median(rows, mode, name) for name in columns} for mode in MODES}
     result = {"meta": meta, "medians": medians, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
     stem = f"warm-restart-{preset.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
-    for name in (stem, f"latest-warm-restart-{preset.name}"):
-        with open(os.path.join(args.out, name + ".json"), "w") as file:
-            json.dump(result, file, indent=1)
     text = markdown(result)
-    for name in (stem, f"latest-warm-restart-{preset.name}"):
-        with open(os.path.join(args.out, name + ".md"), "w") as file:
-            file.write(text)
+    write_result_files(args.out, stem, f"latest-warm-restart-{preset.name}", result, text)
     print(text)
     print(f"wrote {os.path.join(args.out, stem)}.json/.md")
     return 0

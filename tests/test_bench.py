@@ -324,3 +324,18 @@ def test_unet_tweaks_change_the_model_as_named():
     apply_tweaks(pipe, ("fuse_qkv", "channels_last"))
     assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_result_files_are_written_with_latest_copies_and_strict_json(tmp_path):
+    """One writer for every bench command: stem and latest-* files, identical; NaN refused."""
+    from bench.results import write_result_files
+
+    paths = write_result_files(str(tmp_path / "out"), "kind-20261125-000000", "latest-kind", {"x": 1.5}, "# text\n")
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "kind-20261125-000000.json", "kind-20261125-000000.md", "latest-kind.json", "latest-kind.md"]
+    with open(paths["latest_json"]) as handle:
+        assert json.load(handle) == {"x": 1.5}
+    with open(paths["latest_markdown"]) as handle:
+        assert handle.read() == "# text\n"
+    with pytest.raises(ValueError):
+        write_result_files(str(tmp_path), "nan", "latest-nan", {"x": math.nan}, "")
