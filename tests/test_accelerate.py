@@ -353,6 +353,28 @@ def test_model_offload_is_refused_clearly(sd_pipe):
             del sd_pipe.unet._hf_hook
 
 
+class _Worker(threading.Thread):
+    """Runs `target` on a thread of its own, keeping its result or exception for `outcome()`."""
+
+    def __init__(self, target):
+        super().__init__(daemon=True)
+        self._work, self._result, self._error = target, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self._result = self._work()
+        except BaseException as error:  # noqa: BLE001 (raised again by outcome())
+            self._error = error
+
+    def outcome(self, timeout=120):
+        self.join(timeout)
+        assert not self.is_alive(), "the thread is still running"
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 def test_calls_from_two_threads_run_one_after_the_other(sd_pipe):
     """A second thread's call waits for the first: each gives its own sequential result.
 
@@ -363,7 +385,6 @@ def test_calls_from_two_threads_run_one_after_the_other(sd_pipe):
     with accelerated(sd_pipe, cache_interval=3, compile=False) as handle:
         expected = {seed: latents(sd_pipe, seed=seed) for seed in (1, 2)}
         first_inside, second_starting = threading.Event(), threading.Event()
-        results, errors = {}, []
 
         def hold_first_call(pipe, step, timestep, tensors):
             if step == 1:
@@ -372,26 +393,13 @@ def test_calls_from_two_threads_run_one_after_the_other(sd_pipe):
                 time.sleep(0.2)  # the second call is now waiting, or would be running
             return {}
 
-        def first():
-            try:
-                results[1] = latents(sd_pipe, seed=1, callback_on_step_end=hold_first_call)
-            except BaseException as error:  # noqa: BLE001 (reported below)
-                errors.append(error)
-
         def second():
-            try:
-                first_inside.wait(timeout=30)
-                second_starting.set()
-                results[2] = latents(sd_pipe, seed=2)
-            except BaseException as error:  # noqa: BLE001
-                errors.append(error)
+            first_inside.wait(timeout=30)
+            second_starting.set()
+            return latents(sd_pipe, seed=2)
 
-        threads = [threading.Thread(target=first), threading.Thread(target=second)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        assert not errors, errors
+        first = _Worker(lambda: latents(sd_pipe, seed=1, callback_on_step_end=hold_first_call))
+        results = {2: _Worker(second).outcome(), 1: first.outcome()}
         assert first_inside.is_set() and second_starting.is_set()
         for seed in (1, 2):
             assert max_diff(results[seed], expected[seed]) == 0.0, f"seed {seed}"
@@ -417,7 +425,7 @@ def test_disable_from_another_thread_waits_for_the_call_under_way(sd_pipe):
     handle = fastcache.accelerate(sd_pipe, cache_interval=3, compile=False)
     try:
         expected = latents(sd_pipe, seed=1)
-        call_inside, results = threading.Event(), {}
+        call_inside = threading.Event()
 
         def hold(pipe, step, timestep, tensors):
             if step == 1:
@@ -425,16 +433,13 @@ def test_disable_from_another_thread_waits_for_the_call_under_way(sd_pipe):
                 time.sleep(0.5)  # disable() is now waiting, or would be freeing the graphs
             return {}
 
-        caller = threading.Thread(target=lambda: results.update(latents=latents(sd_pipe, seed=1, callback_on_step_end=hold)))
-        caller.start()
+        caller = _Worker(lambda: latents(sd_pipe, seed=1, callback_on_step_end=hold))
         assert call_inside.wait(timeout=60)
-        disabler = threading.Thread(target=handle.disable)
-        disabler.start()
+        disabler = _Worker(handle.disable)
         disabler.join(timeout=0.2)
         assert disabler.is_alive() and handle.enabled, "disable() did not wait for the call"
-        caller.join(timeout=60)
-        disabler.join(timeout=60)
-        assert max_diff(results["latents"], expected) == 0.0
+        assert max_diff(caller.outcome(), expected) == 0.0
+        disabler.outcome()
         assert not handle.enabled
         assert_untouched(sd_pipe)
     finally:
@@ -450,7 +455,7 @@ def test_a_call_from_another_thread_waits_for_warmup_to_finish(sd_pipe):
     """
     with accelerated(sd_pipe, cache_interval=3, compile=False) as handle:
         expected = latents(sd_pipe, seed=1)
-        dispatcher, lifting, results = handle._dispatcher, threading.Event(), {}
+        dispatcher, lifting = handle._dispatcher, threading.Event()
         force = dispatcher.force
 
         def slow_lift(schedule):
@@ -461,16 +466,14 @@ def test_a_call_from_another_thread_waits_for_warmup_to_finish(sd_pipe):
 
         dispatcher.force = slow_lift
         try:
-            warming = threading.Thread(target=lambda: handle.warmup(height=128, width=128))
-            warming.start()
+            warming = _Worker(lambda: handle.warmup(height=128, width=128))
             assert lifting.wait(timeout=60)
-            caller = threading.Thread(target=lambda: results.update(latents=latents(sd_pipe, seed=1)))
-            caller.start()
-            warming.join(timeout=60)
-            caller.join(timeout=60)
+            caller = _Worker(lambda: latents(sd_pipe, seed=1))
+            warming.outcome()
+            actual = caller.outcome()
         finally:
             dispatcher.force = force
-        assert max_diff(results["latents"], expected) == 0.0
+        assert max_diff(actual, expected) == 0.0
         assert handle.stats.last_call == [step % 3 == 0 for step in range(10)]
 
 
@@ -586,24 +589,12 @@ def test_pipelines_per_thread_with_their_own_schedulers_take_turns_once_attached
     workers = [StableDiffusionPipeline(**{**sd_pipe.components, "scheduler": copy.deepcopy(sd_pipe.scheduler)})
                for _ in range(2)]
     expected = deepcache_latents(sd_pipe, 3, 0, seed=4)
-    results, errors = [None, None], []
     with accelerated(sd_pipe, cache_interval=3, compile=False) as handle:
         for worker in workers:
             handle.attach(worker)
-
-        def run(index):
-            try:
-                results[index] = [latents(workers[index], seed=4) for _ in range(2)]
-            except BaseException as error:  # noqa: BLE001 (reported below)
-                errors.append(error)
-
-        threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        threads = [_Worker(lambda worker=worker: [latents(worker, seed=4) for _ in range(2)]) for worker in workers]
+        results = [thread.outcome() for thread in threads]
         assert handle.stats.pipeline_calls == 4
-    assert not errors, errors
     for outputs in results:
         for output in outputs:
             assert max_diff(output, expected) <= 1e-5
