@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ import torch
 
 from .env import environment
 from .results import write_result_files
+from .timing import repeat
 
 DEFAULT_PRESETS = ("sd15", "sdxl")
 
@@ -64,15 +64,15 @@ class _HostOnlyPipeline:
 
 
 def _median_seconds(function: Callable[[], Any], repeats: int, inner: int) -> float:
-    """Median over `repeats` of the mean time of `inner` calls."""
+    """Median over `repeats` of the mean time of `inner` calls (after one untimed call)."""
     function()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def calls() -> None:
         for _ in range(inner):
             function()
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
+
+    stats, _ = repeat(calls, torch.device("cpu"), repeats)
+    return stats.median / inner
 
 
 def _meta_inputs(unet: Any, preset: str) -> tuple[Any, ...]:
