@@ -166,9 +166,19 @@ def _meta(args: argparse.Namespace, argv: list[str], preset: Any, pipe: Any, bui
         "pipeline": {
             "class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "build_s": build_s,
             "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
+            "weight_bytes": _weight_bytes(pipe),
         },
         "compile_cache": {"created_for_this_run": cache_created, "description": cache_description},
     }
+
+
+def _weight_bytes(pipe: Any) -> int:
+    """Bytes of every component's parameters and buffers: the part of each method's peak memory
+    that is the same for all of them."""
+    import torch
+
+    modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+    return sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
 def _configs(args: argparse.Namespace) -> list[Any]:

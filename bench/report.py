@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 import numpy as np
 
 from .results import BenchResult, MethodResult, to_jsonable, write_result_files
@@ -158,29 +159,39 @@ def floor_table(result: BenchResult) -> list[str]:
 
 
 def memory_lines(result: BenchResult) -> list[str]:
-    """Peak memory per method and its extra over eager. Compared by reserved bytes: a CUDA Graph
-    replay allocates nothing (its activations sit in the graph pool, reserved but not allocated),
-    so allocated peaks would hide what fastcache's graphs hold."""
-    measured = [m for s in result.shapes for m in s.methods if m.peak_reserved_bytes is not None]
-    if not measured:
-        notes = {m.peak_memory_note for s in result.shapes for m in s.methods if m.peak_memory_note}
-        return [f"Peak device memory: {'; '.join(sorted(notes))}. Recorded as null in the JSON."]
-    header = ["resolution, batch", "method", "peak reserved MiB", "vs eager", "peak allocated MiB",
-              "fastcache's buffers + graph pool MiB"]
+    """Peak memory per method and its extra over eager. On CUDA compared by reserved bytes: a CUDA
+    Graph replay allocates nothing (its activations sit in the graph pool, reserved but not
+    allocated), so allocated peaks would hide what fastcache's graphs hold. A CPU has no reserved
+    figure and no graph pool, so there the comparison is by allocated tensor bytes."""
+    methods = [m for s in result.shapes for m in s.methods]
+    by_reserved = any(m.peak_reserved_bytes is not None for m in methods)
+    if not by_reserved and all(m.peak_allocated_bytes is None for m in methods):
+        notes = {m.peak_memory_note for m in methods if m.peak_memory_note}
+        return [f"Peak memory: {'; '.join(sorted(notes))}. Recorded as null in the JSON."]
+
+    def compared(m: Any) -> int | None:
+        return m.peak_reserved_bytes if by_reserved else m.peak_allocated_bytes
+
+    header = ["resolution, batch", "method", "peak reserved MiB", "peak allocated MiB",
+              f"vs eager ({'reserved' if by_reserved else 'allocated'})", "fastcache's buffers + graph pool MiB"]
     rows = []
     for s in result.shapes:
-        eager = next((m.peak_reserved_bytes for m in s.methods if m.method == "eager"), None)
+        eager = next((compared(m) for m in s.methods if m.method == "eager"), None)
         for m in s.methods:
-            peak = m.peak_reserved_bytes
+            peak = compared(m)
             extra = "-" if peak is None or not eager else f"{(peak - eager) / eager:+.1%}"
             own = (m.details or {}).get("fastcache_memory")
-            rows.append([s.label, m.label, _mib(peak), extra, _mib(m.peak_allocated_bytes),
+            rows.append([s.label, m.label, _mib(m.peak_reserved_bytes), _mib(m.peak_allocated_bytes), extra,
                          "-" if own is None else _mib(own["total"])])
-    return _table(header, rows)
+    notes = sorted({m.peak_memory_note for m in methods if m.peak_memory_note})
+    return _table(header, rows) + ([""] + [f"Measured as: {note}." for note in notes] if notes else [])
 
 
 def _mib(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**20:.0f}"
+    if value is None:
+        return "-"
+    mib = value / 2**20
+    return f"{mib:.0f}" if mib >= 100 else f"{mib:.1f}"
 
 
 def quality_table(result: BenchResult) -> list[str]:

@@ -59,9 +59,10 @@ class MethodResult:
     end_to_end: TimingStats
     denoise: TimingStats
     steps: StepTimes
-    # Over the timed runs (CUDA; None with the note elsewhere). Reserved is what the process holds
-    # from the GPU, CUDA Graph pools included; allocated misses a graph's activations (a replay
-    # allocates nothing), so methods are compared by reserved.
+    # CUDA: over the timed runs. Reserved is what the process holds from the GPU, CUDA Graph pools
+    # included; allocated misses a graph's activations (a replay allocates nothing), so methods are
+    # compared by reserved. CPU: no reserved; allocated is the tensor bytes of one extra call
+    # (bench.cpu_memory), and methods are compared by it. The note says which.
     peak_reserved_bytes: int | None
     peak_allocated_bytes: int | None
     peak_memory_note: str | None

@@ -14,6 +14,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .cpu_memory import call_memory
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so the host clock measures it (no-op on CPU)."""
@@ -95,15 +97,17 @@ class MemoryPeak:
 
 
 class PeakMemory:
-    """Peak device memory between `start()` and `read()`, CUDA only.
+    """Peak memory between `start()` and `read()`: CUDA's allocator statistics, or on a CPU the
+    tensor bytes of one extra call (`bench.cpu_memory`).
 
     Call `release_cached_memory` before the method's first call, so that the peak is its own
-    working set, not blocks an earlier method left cached. On other devices the figures are None
-    with the reason: torch keeps no allocator statistics for CPU tensors, and a process RSS would
-    mix in everything else the process holds.
+    working set, not blocks an earlier method left cached. A CPU has no caching allocator, so
+    there `reserved` is None and `allocated` is the resident tensor storages plus the peak of one
+    untimed, profiled call of `replay` (the profiler would slow the timed calls).
     """
 
-    CPU_REASON = "not measured: torch's device memory statistics exist for CUDA devices only (CPU run)"
+    CPU_NOTE = ("CPU: no allocator statistics; allocated = live tensor storages before one extra "
+                "untimed end-to-end call + that call's own peak from profiler memory events; no reserved")
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -113,8 +117,11 @@ class PeakMemory:
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def read(self) -> MemoryPeak:
-        if self.device.type != "cuda":
-            return MemoryPeak(None, None, self.CPU_REASON)
-        synchronize(self.device)
-        return MemoryPeak(int(torch.cuda.max_memory_reserved(self.device)), int(torch.cuda.max_memory_allocated(self.device)))
+    def read(self, replay: Callable[[], Any]) -> MemoryPeak:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return MemoryPeak(int(torch.cuda.max_memory_reserved(self.device)),
+                              int(torch.cuda.max_memory_allocated(self.device)))
+        if self.device.type != "cpu":
+            return MemoryPeak(None, None, f"not measured on {self.device.type}")
+        return MemoryPeak(None, call_memory(replay).peak_bytes, self.CPU_NOTE)

@@ -188,8 +188,9 @@ def test_smoke_run_writes_json_with_every_method_and_config(smoke_run):
             assert len(m[mode]["runs"]) == 1
         assert _finite(m["speedup_end_to_end"]) and _finite(m["speedup_denoise"])
         assert _finite(m["first_image_s"]) and m["first_image_s"] >= m["setup_s"] >= 0
-        assert m["peak_reserved_bytes"] is None and m["peak_allocated_bytes"] is None  # CPU run: null...
-        assert "CPU" in m["peak_memory_note"]  # ...with the reason
+        # CPU run: no reserved figure; allocated = resident tensors (at least the weights) + one call's peak
+        assert m["peak_reserved_bytes"] is None and "CPU" in m["peak_memory_note"]
+        assert m["peak_allocated_bytes"] > result["meta"]["pipeline"]["weight_bytes"]
         quality = m["quality_vs_eager"]
         assert _finite(quality["ssim"]) and -1 <= quality["ssim"] <= 1
         assert _finite(quality["latent_rel_l2"]) and quality["latent_rel_l2"] >= 0
@@ -277,19 +278,30 @@ def test_memory_table_reports_the_extra_over_eager():
 
     from bench.report import memory_lines
 
-    def method(name, reserved, allocated, details=None):
+    def method(name, reserved, allocated, details=None, note=None):
         return SimpleNamespace(method=name.split()[0], label=name, peak_reserved_bytes=reserved,
-                               peak_allocated_bytes=allocated, peak_memory_note=None, details=details or {})
+                               peak_allocated_bytes=allocated, peak_memory_note=note, details=details or {})
 
-    # fastcache allocates less than eager at its peak (replays allocate nothing) but reserves more
-    # (the graph pool): the extra is computed from reserved.
+    # CUDA: fastcache allocates less than eager at its peak (replays allocate nothing) but reserves
+    # more (the graph pool): the extra is computed from reserved.
     shape = SimpleNamespace(label="512x512 b1", methods=[
         method("eager", 2000 * 2**20, 1900 * 2**20),
         method("fastcache I3B0", 2150 * 2**20, 1800 * 2**20, {"fastcache_memory": {"total": 180 * 2**20}}),
     ])
     lines = memory_lines(SimpleNamespace(shapes=[shape]))
-    assert "| 512x512 b1 | eager | 2000 | +0.0% | 1900 | - |" in lines
-    assert "| 512x512 b1 | fastcache I3B0 | 2150 | +7.5% | 1800 | 180 |" in lines
+    assert "| resolution, batch | method | peak reserved MiB | peak allocated MiB | vs eager (reserved) |" in lines[0]
+    assert "| 512x512 b1 | eager | 2000 | 1900 | +0.0% | - |" in lines
+    assert "| 512x512 b1 | fastcache I3B0 | 2150 | 1800 | +7.5% | 180 |" in lines
+    # CPU: no reserved; compared by allocated, small figures keep a decimal, and the note says how.
+    note = "CPU: tensor bytes"
+    shape = SimpleNamespace(label="128x128 b1", methods=[
+        method("eager", None, 40 * 2**20, note=note),
+        method("fastcache I3B0", None, 42 * 2**20, {"fastcache_memory": {"total": 2**19}}, note=note),
+    ])
+    lines = memory_lines(SimpleNamespace(shapes=[shape]))
+    assert "vs eager (allocated)" in lines[0]
+    assert "| 128x128 b1 | fastcache I3B0 | - | 42.0 | +5.0% | 0.5 |" in lines
+    assert lines[-1] == "Measured as: CPU: tensor bytes."
 
 
 def test_host_overhead_measures_the_presets_unet_without_device_work():
