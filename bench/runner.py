@@ -152,6 +152,8 @@ def measure_method(
         denoise, latents = repeat(workload.denoise, device, settings.runs)
         peak = memory.read(replay=workload.end_to_end)
         details.update(method.memory_details())
+        if peak.parts is not None:
+            details["peak_memory_parts"] = peak.parts
         pattern = method.refresh_pattern()
         per_interval = method.config.interval if method.config is not None else 1
         steps = time_steps(method, pipe, inputs_for_steps(), device, settings.step_calls * per_interval)

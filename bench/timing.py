@@ -94,6 +94,7 @@ class MemoryPeak:
     reserved: int | None
     allocated: int | None  # bytes of live tensors at the peak
     note: str | None = None
+    parts: dict[str, int] | None = None  # CPU: resident_bytes + peak_during_bytes = allocated
 
 
 class PeakMemory:
@@ -124,4 +125,5 @@ class PeakMemory:
                               int(torch.cuda.max_memory_allocated(self.device)))
         if self.device.type != "cpu":
             return MemoryPeak(None, None, f"not measured on {self.device.type}")
-        return MemoryPeak(None, call_memory(replay).peak_bytes, self.CPU_NOTE)
+        memory = call_memory(replay)
+        return MemoryPeak(None, memory.peak_bytes, self.CPU_NOTE, asdict(memory))

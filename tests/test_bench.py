@@ -191,6 +191,9 @@ def test_smoke_run_writes_json_with_every_method_and_config(smoke_run):
         # CPU run: no reserved figure; allocated = resident tensors (at least the weights) + one call's peak
         assert m["peak_reserved_bytes"] is None and "CPU" in m["peak_memory_note"]
         assert m["peak_allocated_bytes"] > result["meta"]["pipeline"]["weight_bytes"]
+        parts = m["details"]["peak_memory_parts"]
+        assert parts["resident_bytes"] + parts["peak_during_bytes"] == m["peak_allocated_bytes"]
+        assert parts["resident_bytes"] >= result["meta"]["pipeline"]["weight_bytes"]
         quality = m["quality_vs_eager"]
         assert _finite(quality["ssim"]) and -1 <= quality["ssim"] <= 1
         assert _finite(quality["latent_rel_l2"]) and quality["latent_rel_l2"] >= 0
