@@ -4,15 +4,19 @@ torch's caching allocator statistics (`max_memory_allocated`) exist for CUDA onl
 RSS would mix in the compiler, the interpreter and freed-but-kept malloc arenas. Two exact pieces
 add up to what CUDA's peak *allocated* counts instead:
 
-* **resident**: the bytes of every CPU tensor storage alive before the call (weights, fastcache's
-  static buffers and kept features, DeepCache's kept features, the inputs), found by walking the
-  garbage collector's objects and counting each storage once;
+* **resident**: the bytes of every CPU tensor storage alive when the call starts (weights,
+  fastcache's static buffers and kept features, DeepCache's kept features, the inputs), found by
+  walking the garbage collector's objects and counting each storage once;
 * **during the call**: the highest running sum of the allocations and frees the profiler's memory
   events report (`profile_memory=True`; inductor's generated code allocates through the same CPU
-  allocator, so compiled buffers count). The profiler only sees frees of blocks allocated while it
-  runs, so this is the call's own working set on top of what was resident.
+  allocator, so compiled buffers count).
 
-The profiler slows the call, so this runs on an extra, untimed call.
+The profiler reports no free of a block allocated before it started, so a call that replaces
+state kept from the previous call (DeepCache keeps every module's output until the next step)
+would be counted twice. The function therefore runs twice under one profiler: the first call makes
+everything the second one frees a block the profiler has seen; the peak is read over the second.
+That is exact as long as a call frees nothing older than the call before it, which holds for every
+method measured here. The profiler slows the calls, so these are extra, untimed calls.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
+
+_MEASURED = "bench.cpu_memory.measured_call"
 
 
 @dataclass(frozen=True)
 class CallMemory:
-    resident_bytes: int  # live CPU tensor storages when the call started
-    peak_during_bytes: int  # highest live total of the call's own allocations
+    resident_bytes: int  # live CPU tensor storages when the measured call started
+    peak_during_bytes: int  # highest live total of that call's own allocations, above resident
 
     @property
     def peak_bytes(self) -> int:
@@ -55,22 +61,25 @@ def resident_tensor_bytes() -> int:
     return total
 
 
-def peak_allocated_during(function: Callable[[], Any]) -> tuple[int, Any]:
-    """(highest live bytes allocated by `function` at any moment, its result), from profiler events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = function()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type()
-              == torch.autograd.DeviceType.CPU]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak, result
-
-
 def call_memory(function: Callable[[], Any]) -> CallMemory:
-    """Resident CPU tensor bytes before `function`, and its own peak on top (one untimed call)."""
-    gc.collect()
-    resident = resident_tensor_bytes()
-    during, _ = peak_allocated_during(function)
-    return CallMemory(resident, during)
+    """Resident CPU tensor bytes when `function` starts, and its own peak on top (module docstring)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        function()  # its allocations are the ones the measured call may free
+        gc.collect()
+        resident = resident_tensor_bytes()
+        with record_function(_MEASURED):
+            function()
+    events = prof.profiler.kineto_results.events()
+    (window,) = [e for e in events if e.name() == _MEASURED]
+    memory = sorted((e for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    live = peak = base = 0
+    for event in memory:
+        if event.start_ns() > window.end_ns():
+            break
+        live += event.nbytes()
+        if event.start_ns() < window.start_ns():
+            base = peak = live  # the level the measured call starts from
+        else:
+            peak = max(peak, live)
+    return CallMemory(resident, max(0, peak - base))
