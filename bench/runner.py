@@ -5,8 +5,8 @@ Per method and shape, in this order:
 1. ``enable`` (fastcache: accelerate + warmup), the allocator's cache emptied, and the first
    end-to-end call: time to first image, reported apart and never part of the timed runs;
 2. ``runs`` timed end-to-end calls, then ``runs`` timed denoising-loop calls (peak CUDA memory,
-   reserved and allocated, over both; on a CPU, tensor bytes of one more untimed end-to-end call;
-   fastcache's own buffers from ``handle.memory()``);
+   reserved and allocated, over both; on a CPU, tensor bytes of the second of two more untimed
+   end-to-end calls; fastcache's own buffers from ``handle.memory()``);
 3. direct ``pipe.unet(...)`` calls with the pipeline's real inputs, each classified as full,
    refresh or cached by the method's own state;
 4. ``disable``, then a check that the pipeline is as built.

@@ -99,16 +99,17 @@ class MemoryPeak:
 
 class PeakMemory:
     """Peak memory between `start()` and `read()`: CUDA's allocator statistics, or on a CPU the
-    tensor bytes of one extra call (`bench.cpu_memory`).
+    tensor bytes of an extra call (`bench.cpu_memory`).
 
     Call `release_cached_memory` before the method's first call, so that the peak is its own
     working set, not blocks an earlier method left cached. A CPU has no caching allocator, so
-    there `reserved` is None and `allocated` is the resident tensor storages plus the peak of one
-    untimed, profiled call of `replay` (the profiler would slow the timed calls).
+    there `reserved` is None and `allocated` is the resident tensor storages plus the peak of an
+    untimed, profiled call of `replay`, the second of two (the profiler would slow the timed calls).
     """
 
-    CPU_NOTE = ("CPU: no allocator statistics; allocated = live tensor storages before one extra "
-                "untimed end-to-end call + that call's own peak from profiler memory events; no reserved")
+    CPU_NOTE = ("CPU: no allocator statistics; allocated = live tensor storages before an extra untimed "
+                "end-to-end call (the second of two under the profiler) + that call's own peak from "
+                "profiler memory events; no reserved")
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
