@@ -177,8 +177,10 @@ def _weight_bytes(pipe: Any) -> int:
     that is the same for all of them."""
     import torch
 
+    from fastcache.runtime import tensor_bytes
+
     modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
-    return sum(t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()])
+    return tensor_bytes(t for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
 def _configs(args: argparse.Namespace) -> list[Any]:

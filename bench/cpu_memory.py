@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+
+from fastcache.runtime import tensor_bytes
 
 _MEASURED = "bench.cpu_memory.measured_call"
 
@@ -43,9 +45,11 @@ class CallMemory:
 
 def resident_tensor_bytes() -> int:
     """Bytes of the distinct CPU storages of all tensors the garbage collector can reach."""
-    seen: set[int] = set()
-    total = 0
-    for obj in gc.get_objects():
+    return tensor_bytes(_tensors_owning_cpu_memory(gc.get_objects()))
+
+
+def _tensors_owning_cpu_memory(objects: Iterable[object]) -> Iterator[torch.Tensor]:
+    for obj in objects:
         if not issubclass(type(obj), torch.Tensor):  # not isinstance: that reads lazy modules' __class__
             continue
         try:
@@ -54,11 +58,8 @@ def resident_tensor_bytes() -> int:
             continue
         # Fake and meta tensors (dynamo keeps some in its guards and graphs) report device cpu but
         # own no memory: their storage lives on the meta device.
-        if storage.device.type != "cpu" or storage.data_ptr() == 0 or storage.data_ptr() in seen:
-            continue
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
-    return total
+        if storage.device.type == "cpu" and storage.data_ptr() != 0:
+            yield obj
 
 
 def call_memory(function: Callable[[], Any]) -> CallMemory:

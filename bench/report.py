@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+
 import numpy as np
 
 from .results import BenchResult, MethodResult, to_jsonable, write_result_files
@@ -164,12 +164,12 @@ def memory_lines(result: BenchResult) -> list[str]:
     allocated), so allocated peaks would hide what fastcache's graphs hold. A CPU has no reserved
     figure and no graph pool, so there the comparison is by allocated tensor bytes."""
     methods = [m for s in result.shapes for m in s.methods]
+    notes = sorted({m.peak_memory_note for m in methods if m.peak_memory_note})
     by_reserved = any(m.peak_reserved_bytes is not None for m in methods)
     if not by_reserved and all(m.peak_allocated_bytes is None for m in methods):
-        notes = {m.peak_memory_note for m in methods if m.peak_memory_note}
-        return [f"Peak memory: {'; '.join(sorted(notes))}. Recorded as null in the JSON."]
+        return [f"Peak memory: {'; '.join(notes)}. Recorded as null in the JSON."]
 
-    def compared(m: Any) -> int | None:
+    def compared(m: MethodResult) -> int | None:
         return m.peak_reserved_bytes if by_reserved else m.peak_allocated_bytes
 
     header = ["resolution, batch", "method", "peak reserved MiB", "peak allocated MiB",
@@ -183,7 +183,6 @@ def memory_lines(result: BenchResult) -> list[str]:
             own = (m.details or {}).get("fastcache_memory")
             rows.append([s.label, m.label, _mib(m.peak_reserved_bytes), _mib(m.peak_allocated_bytes), extra,
                          "-" if own is None else _mib(own["total"])])
-    notes = sorted({m.peak_memory_note for m in methods if m.peak_memory_note})
     return _table(header, rows) + ([""] + [f"Measured as: {note}." for note in notes] if notes else [])
 
 

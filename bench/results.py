@@ -61,8 +61,8 @@ class MethodResult:
     steps: StepTimes
     # CUDA: over the timed runs. Reserved is what the process holds from the GPU, CUDA Graph pools
     # included; allocated misses a graph's activations (a replay allocates nothing), so methods are
-    # compared by reserved. CPU: no reserved; allocated is the tensor bytes of one extra call
-    # (bench.cpu_memory), and methods are compared by it. The note says which.
+    # compared by reserved. CPU: no reserved; allocated is the tensor bytes of an extra call (the
+    # second of two, bench.cpu_memory), and methods are compared by it. The note says which.
     peak_reserved_bytes: int | None
     peak_allocated_bytes: int | None
     peak_memory_note: str | None
