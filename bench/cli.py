@@ -266,8 +266,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m bench``'s parser: run, restart-probe, warm-restart, host-overhead."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(commands.add_parser("run", help="run the benchmark and write result files"))
@@ -280,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
 
     add_host_overhead_arguments(commands.add_parser(
         "host-overhead", help="host time fastcache adds per U-Net call and pipeline call (no device work)"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     if args.command == "host-overhead":
         from .host_overhead import main as host_overhead_main
 

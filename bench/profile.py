@@ -255,15 +255,8 @@ def markdown(profiles: list[MethodProfile], header: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
+def build_parser() -> argparse.ArgumentParser:
     from .cli import _ints, _option, _sizes
-    from .env import environment
-    from .methods import CacheConfig, CompileSettings, Compile, Eager, FastCache
-    from .presets import get_preset
-    from .workload import Workload
-    from .methods import Shape
 
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", required=True)
@@ -279,7 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from .env import environment
+    from .methods import CacheConfig, CompileSettings, Compile, Eager, FastCache, Shape
+    from .presets import get_preset
+    from .workload import Workload
+
+    args = build_parser().parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(

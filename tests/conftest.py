@@ -24,6 +24,18 @@ def pytest_configure(config):
         " cell(s) this test checks; a test covers every feature x every check its marks name"
         " (tools/support_table.py renders them)",
     )
+    config.addinivalue_line(
+        "markers",
+        "cuda: needs a CUDA GPU; added to every test skipped for want of one (bench/gpu_check.py runs -m cuda)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `cuda` every test whose skipif says it needs a CUDA GPU, so that the one-shot GPU check
+    selects them all with ``-m cuda`` wherever they live, on a GPU (not skipped) as on a CPU."""
+    for item in items:
+        if any("CUDA" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.fixture(scope="session")
