@@ -19,56 +19,16 @@ import tempfile
 import time
 from typing import Any
 
-DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
-def _sizes(text: str) -> list[tuple[int, int]]:
-    """``512,768`` (square) or ``768x512`` (width x height) entries."""
-    sizes = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        width, _, height = part.lower().partition("x")
-        sizes.append((int(width), int(height or width)))
-    return sizes
-
-
-def _option(text: str) -> tuple[str, Any]:
-    """``NAME=VALUE`` with VALUE read as JSON where it parses (true, 3, {...}), else as a string."""
-    import json
-
-    name, sep, value = text.partition("=")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
-    try:
-        return name.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return name.strip(), value
-
-
-def _tweaks(text: str) -> tuple[str, ...]:
-    from .tweaks import parse_tweaks
-
-    try:
-        return parse_tweaks(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _cuda_graphs(text: str) -> bool | None:
-    return {"auto": None, "on": True, "off": False}[text]
+from .args import DEFAULT_PROMPT, RESULTS, cuda_graphs, dtype, ints, option, sizes, tweaks
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     from .presets import PRESETS
 
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    parser.add_argument("--res", type=_sizes, default=None,
+    parser.add_argument("--res", type=sizes, default=None,
                         help="resolutions, e.g. 512,768 or 768x512 (default: the preset's)")
-    parser.add_argument("--batch", type=_ints, default=[1], help="images per prompt, e.g. 1,4,8")
+    parser.add_argument("--batch", type=ints, default=[1], help="images per prompt, e.g. 1,4,8")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     parser.add_argument("--configs", default="I3B0,I5B0,I5B1",
                         help="DeepCache configs I<interval>B<branch>, comma-separated")
@@ -84,11 +44,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of `compile` and `fastcache` (the smoke test uses eager)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the `compile` method")
-    parser.add_argument("--fastcache-option", type=_option, action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--fastcache-option", type=option, action="append", default=[], metavar="NAME=VALUE",
                         help="another fastcache.accelerate keyword for the fastcache method, VALUE as JSON "
                              "where it parses (true, 3, {\"conv_1x1_as_mm\": true}), else a string; repeatable")
     parser.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto", help="fastcache's cuda_graphs")
-    parser.add_argument("--unet-tweaks", type=_tweaks, default=(), metavar="NAMES",
+    parser.add_argument("--unet-tweaks", type=tweaks, default=(), metavar="NAMES",
                         help="comma-separated U-Net changes for every method alike: fuse_qkv, channels_last "
                              "(bench/tweaks.py)")
     parser.add_argument("--restart", choices=("first", "all", "none"), default="first",
@@ -113,19 +73,11 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", required=True)
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--compile-backend", default="inductor")
-    parser.add_argument("--cuda-graphs", type=_cuda_graphs, default=None)
-    parser.add_argument("--unet-tweaks", type=_tweaks, default=())
+    parser.add_argument("--cuda-graphs", type=cuda_graphs, default=None)
+    parser.add_argument("--unet-tweaks", type=tweaks, default=())
     parser.add_argument("--fastcache-options-json", default=None, help="more fastcache.accelerate keywords, as JSON")
     parser.add_argument("--load-compile-cache", default=None, help="fastcache.load_compile_cache(PATH) before accelerate")
     parser.add_argument("--save-compile-cache", default=None, help="fastcache.save_compile_cache(PATH) after the image")
-
-
-def _dtype(name: str, device: Any) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def _compile_cache(args: argparse.Namespace) -> tuple[str, bool, str]:
@@ -225,7 +177,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     started = time.time()
     preset = get_preset(args.preset)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _dtype(args.dtype, device)
+    dtype = dtype(args.dtype, device)
     configs = _configs(args)
     shapes = [Shape(w, h, b) for (w, h) in (args.res or [(preset.resolution,) * 2]) for b in args.batch]
     if args.runs < 1:
@@ -241,7 +193,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         apply_tweaks(pipe, args.unet_tweaks)
         build_s = time.perf_counter() - build_start
         methods = build_methods(configs, CompileSettings(args.compile_backend, args.compile_mode,
-                                                         _cuda_graphs(args.cuda_graphs),
+                                                         cuda_graphs(args.cuda_graphs),
                                                          tuple(args.fastcache_option)))
         result = BenchResult(_meta(args, argv, preset, pipe, build_s, device, dtype, settings, shapes, started,
                                    cache_created, cache_description))

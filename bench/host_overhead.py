@@ -195,6 +195,6 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.out:
         stem = f"host-overhead-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
         data = dict(meta=meta, results=[asdict(row) for row in rows])
-        paths = write_result_files(args.out, stem, "latest-host-overhead", data, text)
-        print(f"wrote {paths['json']} and {paths['markdown']} (and latest-host-overhead.*)", file=sys.stderr)
+        paths = write_result_files(args.out, stem, data, text)
+        print(f"wrote {paths['json']} and {paths['markdown']}", file=sys.stderr)
     return 0

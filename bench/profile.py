@@ -256,18 +256,18 @@ def markdown(profiles: list[MethodProfile], header: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _ints, _option, _sizes
+    from .args import ints, option, sizes
 
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", required=True)
-    parser.add_argument("--res", type=_sizes, default=None)
-    parser.add_argument("--batch", type=_ints, default=[1])
+    parser.add_argument("--res", type=sizes, default=None)
+    parser.add_argument("--batch", type=ints, default=[1])
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--configs", default="I3B0")
     parser.add_argument("--methods", default="eager,compile,fastcache", help="any of eager, compile, fastcache")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--backend", default="inductor")
-    parser.add_argument("--fastcache-option", type=_option, action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--fastcache-option", type=option, action="append", default=[], metavar="NAME=VALUE",
                         help="another fastcache.accelerate keyword (as in bench run); repeatable")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto")

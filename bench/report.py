@@ -1,7 +1,7 @@
 """Result files: JSON (every figure), Markdown tables, a speed-up vs quality plot, sample images.
 
-File names carry the preset and a timestamp (``<preset>-<YYYYmmdd-HHMMSS>.*``); ``latest-<preset>.md``
-and ``latest-<preset>.json`` are copies of the newest run's files.
+File names carry the preset and a timestamp (``<preset>-<YYYYmmdd-HHMMSS>.*``); ``INDEX.md`` in the
+folder links the newest run of each kind.
 """
 
 from __future__ import annotations
@@ -407,7 +407,7 @@ def write_all(result: BenchResult, out: str, stem: str, samples: dict[str, np.nd
     result.meta["files"] = {k: os.path.basename(p) for k, p in paths.items()}
     plot_name = os.path.basename(paths["plot"]) if "plot" in paths else None
     text = markdown(result, plot_name, os.path.basename(paths["samples"]))
-    paths.update(write_result_files(out, stem, f"latest-{preset}", to_jsonable(result), text))
+    paths.update(write_result_files(out, stem, to_jsonable(result), text))
     return paths
 
 

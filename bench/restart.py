@@ -78,7 +78,7 @@ def probe_main(options: Any) -> int:
 
     import fastcache
 
-    from .cli import _dtype
+    from .args import dtype as torch_dtype
     from .methods import CacheConfig, Shape
     from .presets import get_preset
     from .runner import compile_counters
@@ -87,7 +87,7 @@ def probe_main(options: Any) -> int:
     from .workload import Workload
 
     device = torch.device(options.device)
-    dtype = _dtype(options.dtype, device)
+    dtype = torch_dtype(options.dtype, device)
     config = CacheConfig.parse(options.config)
     shape = Shape(options.width, options.height, options.batch)
     build_s, pipe = timed(lambda: get_preset(options.preset).build(device, dtype, options.seed), device)

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import os
-import shutil
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,17 +144,42 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def write_result_files(out: str, stem: str, latest: str, data: Any, text: str) -> dict[str, str]:
+_STAMPED = re.compile(r"^(?P<kind>.+)-(?P<stamp>\d{8}-\d{6})\.json$")
+INDEX = "INDEX.md"
+
+
+def write_result_files(out: str, stem: str, data: Any, text: str) -> dict[str, str]:
     """`data` as ``<out>/<stem>.json`` (strict JSON: pass non-finite floats through
-    `to_jsonable`) and `text` as ``<stem>.md``, each copied to ``<latest>.*`` (the newest run of
-    its kind); returns the four paths."""
+    `to_jsonable`) and `text` as ``<stem>.md``, then `INDEX` rewritten; returns the paths."""
     os.makedirs(out, exist_ok=True)
-    paths = {"json": os.path.join(out, stem + ".json"), "markdown": os.path.join(out, stem + ".md"),
-             "latest_json": os.path.join(out, latest + ".json"), "latest_markdown": os.path.join(out, latest + ".md")}
+    paths = {"json": os.path.join(out, stem + ".json"), "markdown": os.path.join(out, stem + ".md")}
     with open(paths["json"], "w") as handle:
         json.dump(data, handle, indent=1, allow_nan=False)
     with open(paths["markdown"], "w") as handle:
         handle.write(text)
-    shutil.copyfile(paths["json"], paths["latest_json"])
-    shutil.copyfile(paths["markdown"], paths["latest_markdown"])
+    paths["index"] = write_index(out)
     return paths
+
+
+def latest_results(out: str) -> dict[str, str]:
+    """The newest ``<kind>-<YYYYmmdd-HHMMSS>`` stem of each kind of result in `out`."""
+    latest: dict[str, str] = {}
+    for name in sorted(os.listdir(out)):
+        match = _STAMPED.match(name)
+        if match:  # sorted: a later stamp of the same kind replaces an earlier one
+            latest[match["kind"]] = name[: -len(".json")]
+    return latest
+
+
+def write_index(out: str) -> str:
+    """``<out>/INDEX.md``: a link to the newest result of each kind (instead of copies of them)."""
+    lines = ["# Latest results", "",
+             "The newest run of each kind in this folder (`python -m bench ...` rewrites this file; older runs "
+             "stay beside it, each with the command, versions and device that produced it).", "",
+             "| kind | newest | data |", "|---|---|---|"]
+    for kind, stem in sorted(latest_results(out).items()):
+        lines.append(f"| {kind} | [{stem}.md]({stem}.md) | [json]({stem}.json) |")
+    path = os.path.join(out, INDEX)
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path

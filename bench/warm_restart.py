@@ -13,7 +13,7 @@ then ``accelerate`` + ``warmup`` and one end-to-end image:
 
 "To first image" is load (3 only) + accelerate + warmup + the first image; the process column adds
 interpreter start, imports and building the pipeline. Medians over runs; ratios are cold / restart.
-Results go to ``<out>/warm-restart-<preset>-<timestamp>.{json,md}`` and ``latest-warm-restart-<preset>.*``.
+Results go to ``<out>/warm-restart-<preset>-<timestamp>.{json,md}`` (``INDEX.md`` links the newest).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ MODES = ("cold", "restart-dir", "restart-file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import DEFAULT_PROMPT, RESULTS, _sizes
+    from .args import DEFAULT_PROMPT, RESULTS, sizes
 
     parser.add_argument("--preset", default="cpu-small")
-    parser.add_argument("--res", type=_sizes, default=None, help="one resolution, e.g. 256 (default: the preset's)")
+    parser.add_argument("--res", type=sizes, default=None, help="one resolution, e.g. 256 (default: the preset's)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--config", default="I3B0", help="DeepCache config I<interval>B<branch>")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
@@ -176,7 +176,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     result = {"meta": meta, "medians": medians, "rows": rows}
     stem = f"warm-restart-{preset.name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
     text = markdown(result)
-    write_result_files(args.out, stem, f"latest-warm-restart-{preset.name}", result, text)
+    write_result_files(args.out, stem, result, text)
     print(text)
     print(f"wrote {os.path.join(args.out, stem)}.json/.md")
     return 0

@@ -232,8 +232,8 @@ def test_smoke_run_writes_markdown_plot_and_samples(smoke_run):
     (markdown_name,) = [n for n in names if n.startswith("tiny-") and n.endswith(".md")]
     with open(out / markdown_name) as handle:
         text = handle.read()
-    with open(out / "latest-tiny.md") as handle:
-        assert handle.read() == text
+    with open(out / "INDEX.md") as handle:  # the index links the newest run of each kind
+        assert f"| tiny | [{markdown_name}]({markdown_name}) |" in handle.read()
     header = "| resolution, batch | eager | compile | deepcache I2B0 | fastcache I2B0 | fastcache / DeepCache I2B0 |"
     assert header in text and header in stdout  # the printed table is the file's
     headings = ("end to end", "denoising loop only", "Warm-up", "process restart", "step times", "Peak device memory",
@@ -262,7 +262,8 @@ def test_smoke_run_on_the_sdxl_code_path(tmp_path):
     ]
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    with open(tmp_path / "latest-tiny-sdxl.json") as handle:
+    (json_name,) = [n for n in os.listdir(tmp_path) if n.startswith("tiny-sdxl-") and n.endswith(".json")]
+    with open(tmp_path / json_name) as handle:
         result = json.load(handle)
     assert result["meta"]["pipeline"]["class"] == "StableDiffusionXLPipeline"
     assert result["meta"]["settings"]["unet_tweaks"] == ["fuse_qkv"]
@@ -341,16 +342,24 @@ def test_unet_tweaks_change_the_model_as_named():
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_result_files_are_written_with_latest_copies_and_strict_json(tmp_path):
-    """One writer for every bench command: stem and latest-* files, identical; NaN refused."""
+def test_result_files_are_written_with_an_index_of_the_newest_and_strict_json(tmp_path):
+    """One writer for every bench command: stem files, and INDEX.md linking the newest of each kind
+    (no copies of result files); NaN refused."""
     from bench.results import write_result_files
 
-    paths = write_result_files(str(tmp_path / "out"), "kind-20261125-000000", "latest-kind", {"x": 1.5}, "# text\n")
-    assert sorted(os.listdir(tmp_path / "out")) == [
-        "kind-20261125-000000.json", "kind-20261125-000000.md", "latest-kind.json", "latest-kind.md"]
-    with open(paths["latest_json"]) as handle:
+    out = str(tmp_path / "out")
+    write_result_files(out, "kind-20261125-000000", {"x": 1.0}, "# old\n")
+    paths = write_result_files(out, "kind-20261125-000001", {"x": 1.5}, "# text\n")
+    write_result_files(out, "other-kind-20261124-235959", {"y": 2}, "# y\n")
+    assert sorted(os.listdir(out)) == [
+        "INDEX.md", "kind-20261125-000000.json", "kind-20261125-000000.md", "kind-20261125-000001.json",
+        "kind-20261125-000001.md", "other-kind-20261124-235959.json", "other-kind-20261124-235959.md"]
+    with open(paths["json"]) as handle:
         assert json.load(handle) == {"x": 1.5}
-    with open(paths["latest_markdown"]) as handle:
-        assert handle.read() == "# text\n"
+    with open(paths["index"]) as handle:
+        rows = [line for line in handle.read().splitlines() if line.startswith("| ") and "](" in line]
+    assert rows == ["| kind | [kind-20261125-000001.md](kind-20261125-000001.md) | [json](kind-20261125-000001.json) |",
+                    "| other-kind | [other-kind-20261124-235959.md](other-kind-20261124-235959.md) | "
+                    "[json](other-kind-20261124-235959.json) |"]
     with pytest.raises(ValueError):
-        write_result_files(str(tmp_path), "nan", "latest-nan", {"x": math.nan}, "")
+        write_result_files(str(tmp_path), "nan", {"x": math.nan}, "")
