@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from fastcache.demo import psnr  # noqa: F401  (the project's one PSNR, shared with the demo)
+
 K1, K2 = 0.01, 0.03
 WINDOW = 11
 SIGMA = 1.5
@@ -23,13 +25,6 @@ def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     return a, b
-
-
-def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
-    """10 log10(range^2 / MSE) in dB; inf for identical inputs."""
-    a, b = _pair(a, b)
-    mse = float(np.mean((a - b) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(data_range**2 / mse)
 
 
 def gaussian_window(size: int = WINDOW, sigma: float = SIGMA) -> np.ndarray:

@@ -179,19 +179,16 @@ class ControlNetReuse:
         self._pending: _Pending | None = None
         self.runs = 0  # ControlNet runs (including safety-net runs)
         self.replays = 0  # calls answered with stored residuals
-        self.installed = False
 
     # -- install / restore -----------------------------------------------------------------------
     def install(self) -> None:
         self._patch.apply()
-        self.installed = True
 
     def uninstall(self) -> None:
         """Restore ``controlnet.forward`` exactly and drop stored residuals."""
         self._patch.undo()
         self._stored = None
         self._pending = None
-        self.installed = False
 
     # -- the two hooks ---------------------------------------------------------------------------
     def _forward(self, *args: Any, **kwargs: Any) -> Any:

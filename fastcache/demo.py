@@ -45,9 +45,14 @@ def _median_seconds(function: Callable[[], Any], device: torch.device, repeats: 
     return statistics.median(times), result
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
+    """10 log10(range^2 / MSE) in dB, in float64; inf for identical inputs. The one PSNR of the
+    project: the benchmarks (bench/metrics.py) use it too."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0.0 else 10.0 * float(np.log10(data_range**2 / mse))
 
 
 def run_demo(args: argparse.Namespace) -> list[DemoResult]:
