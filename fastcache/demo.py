@@ -24,9 +24,10 @@ from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 @dataclass
 class DemoResult:
     method: str
-    seconds: float
+    seconds: float  # median of `samples`
     image: np.ndarray  # (H, W, 3) floats in [0, 1]
     setup_seconds: float = 0.0
+    samples: tuple[float, ...] = ()  # every timed run, so the report can show the spread
 
 
 def _sync(device: torch.device) -> None:
@@ -34,7 +35,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(function: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
+def _timed(function: Callable[[], Any], device: torch.device, repeats: int) -> tuple[list[float], Any]:
+    """Every run's seconds (device synchronised around each) and the last result."""
     times, result = [], None
     for _ in range(repeats):
         _sync(device)
@@ -42,7 +44,13 @@ def _median_seconds(function: Callable[[], Any], device: torch.device, repeats: 
         result = function()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+    return times, result
+
+
+def _result(method: str, function: Callable[[], Any], device: torch.device, repeats: int,
+            setup_seconds: float = 0.0) -> DemoResult:
+    times, image = _timed(function, device, repeats)
+    return DemoResult(method, statistics.median(times), image, setup_seconds, tuple(times))
 
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
@@ -65,10 +73,8 @@ def run_demo(args: argparse.Namespace) -> list[DemoResult]:
         generator = torch.Generator("cpu").manual_seed(args.seed)
         return pipe(args.prompt, num_inference_steps=args.steps, generator=generator, output_type="np").images[0]
 
-    results = []
-    first_call_seconds, _ = _median_seconds(generate, device, 1)  # lazy initialisation, reported as setup
-    seconds, image = _median_seconds(generate, device, args.repeats)
-    results.append(DemoResult("plain diffusers", seconds, image, first_call_seconds))
+    first_call_seconds = _timed(generate, device, 1)[0][0]  # lazy initialisation, reported as setup
+    results = [_result("plain diffusers", generate, device, args.repeats, first_call_seconds)]
 
     try:
         from DeepCache import DeepCacheSDHelper
@@ -79,10 +85,9 @@ def run_demo(args: argparse.Namespace) -> list[DemoResult]:
         helper.set_params(cache_interval=args.interval, cache_branch_id=args.branch)
         helper.enable()
         try:
-            seconds, image = _median_seconds(generate, device, args.repeats)
+            results.append(_result("DeepCache 0.1.1", generate, device, args.repeats))
         finally:
             helper.disable()
-        results.append(DemoResult("DeepCache 0.1.1", seconds, image))
 
     setup = time.perf_counter()
     cache = args.compile_cache
@@ -93,10 +98,9 @@ def run_demo(args: argparse.Namespace) -> list[DemoResult]:
         setup_seconds = time.perf_counter() - setup
         if cache is not None:
             _report_compile_cache(cache, loaded, setup_seconds, args.compile)
-        seconds, image = _median_seconds(generate, device, args.repeats)
+        results.append(_result("fastcache", generate, device, args.repeats, setup_seconds))
     finally:
         handle.disable()
-    results.append(DemoResult("fastcache", seconds, image, setup_seconds))
     return results
 
 
@@ -110,17 +114,31 @@ def _report_compile_cache(path: str, loaded: bool, setup_seconds: float, compile
               f"({saved.size_bytes / 1e6:.1f} MB), the next run with --compile-cache loads it")
 
 
+def _trust_line() -> str:
+    """How much the timings can be trusted: other processes on the CPU show in the load average."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return "timings: wall clock; rerun to see how they vary on this machine"
+    verdict = ("other processes competed for the CPU: treat the speed-ups as rough"
+               if load > 0.5 * cores else "the machine was otherwise quiet")
+    return f"load average {load:.2f} on {cores} cores at the end: {verdict}"
+
+
 def report(results: list[DemoResult], args: argparse.Namespace) -> str:
     plain = results[0]
     lines = [
         f"tiny {args.pipeline} pipeline, {args.steps} steps, cache_interval={args.interval}, "
-        f"cache_branch_id={args.branch}, compile={args.compile}, median of {args.repeats} runs",
-        f"{'method':<18}{'s/image':>10}{'speed-up':>10}{'max |diff| vs plain':>22}{'PSNR vs plain':>15}{'setup s':>10}",
+        f"cache_branch_id={args.branch}, compile={args.compile}, median of {args.repeats} runs (min-max)",
+        f"{'method':<18}{'s/image':>10}{'min-max':>17}{'speed-up':>10}{'max |diff| vs plain':>22}"
+        f"{'PSNR vs plain':>15}{'setup s':>10}",
     ]
     for result in results:
         diff = float(np.abs(result.image - plain.image).max())
+        spread = f"{min(result.samples):.4f}-{max(result.samples):.4f}" if result.samples else "-"
         lines.append(
-            f"{result.method:<18}{result.seconds:>10.4f}{plain.seconds / result.seconds:>9.2f}x"
+            f"{result.method:<18}{result.seconds:>10.4f}{spread:>17}{plain.seconds / result.seconds:>9.2f}x"
             f"{diff:>22.3g}{psnr(result.image, plain.image):>15.1f}{result.setup_seconds:>10.1f}"
         )
     by_name = {r.method: r for r in results}
@@ -130,6 +148,10 @@ def report(results: list[DemoResult], args: argparse.Namespace) -> str:
             f"fastcache vs DeepCache: max |diff| {float(np.abs(fast.image - deep.image).max()):.3g} "
             f"(images in [0, 1]), {deep.seconds / fast.seconds:.2f}x faster"
         )
+    else:
+        lines.append("no DeepCache row: the DeepCache package is not installed (pip install DeepCache==0.1.1, "
+                     "or install fastcache with the [test] extra)")
+    lines.append(_trust_line())
     return "\n".join(lines)
 
 

@@ -21,6 +21,10 @@ def test_demo_runs_and_writes_images(tmp_path, capsys):
     fastcache_line = next(line for line in out.splitlines() if line.startswith("fastcache vs DeepCache"))
     assert float(fastcache_line.split("max |diff| ")[1].split()[0]) <= 1e-5  # images in [0, 1]
     assert "plain diffusers" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("plain", "DeepCache", "fastcache "))}
+    low, high = (float(x) for x in rows["plain"][3].split("-"))  # "plain diffusers <median> <min>-<max>"
+    assert low <= float(rows["plain"][2]) <= high
+    assert "load average" in out
 
 
 def test_psnr_reference_values():
