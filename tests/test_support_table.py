@@ -1,4 +1,4 @@
-"""README's support table is what the tests' ``covers`` markers say (collection only: seconds, nothing runs)."""
+"""docs/support.md's support table is what the tests' ``covers`` markers say (collection only: seconds, nothing runs)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ if "support_table" not in sys.modules:  # tools/ is not a package: load the scri
 support_table = sys.modules["support_table"]
 
 
-def test_readme_support_table_is_up_to_date():
-    readme = support_table.README.read_text()
-    expected = support_table.replace_section(readme, support_table.render(support_table.collect()))
-    if expected != readme:
-        diff = "\n".join(difflib.unified_diff(readme.splitlines(), expected.splitlines(), "README.md", "generated", lineterm=""))
-        pytest.fail(f"README.md's support table is out of date with the tests' covers markers.\n"
-                    f"Run `{support_table.COMMAND}` and commit README.md.\n{diff}", pytrace=False)
+def test_support_table_is_up_to_date():
+    current = support_table.DOC.read_text()
+    expected = support_table.replace_section(current, support_table.render(support_table.collect()))
+    if expected != current:
+        diff = "\n".join(difflib.unified_diff(current.splitlines(), expected.splitlines(), "docs/support.md", "generated",
+                                             lineterm=""))
+        pytest.fail(f"docs/support.md's support table is out of date with the tests' covers markers.\n"
+                    f"Run `{support_table.COMMAND}` and commit docs/support.md.\n{diff}", pytrace=False)

@@ -1,4 +1,4 @@
-"""README's support table, generated from the tests' ``covers`` markers so it cannot claim more than they check.
+"""The support table (docs/support.md), generated from the tests' ``covers`` markers so it cannot claim more than they check.
 
 A test says what it covers with ``@pytest.mark.covers(feature, check)`` (registered in
 tests/conftest.py): ``feature`` is a row (a pipeline, a scheduler, a call option), ``check`` a
@@ -6,8 +6,8 @@ column (one of ``CHECKS``). A mark may name only the feature or only the check (
 fixture's params); each test then covers every feature times every check its marks name.
 ``xfail="why"`` shows the cell as a known failure, ``cuda_only=True`` as written but not run in CI.
 
-    python tools/support_table.py           # print the table; exit 1 if README.md differs
-    python tools/support_table.py --write   # rewrite README.md's table
+    python tools/support_table.py           # print the table; exit 1 if docs/support.md differs
+    python tools/support_table.py --write   # rewrite docs/support.md's table
 
 Only collection runs (``pytest --collect-only`` in-process): no test executes.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+DOC = ROOT / "docs" / "support.md"
 BEGIN, END = "<!-- support-table:begin -->", "<!-- support-table:end -->"
 COMMAND = "python tools/support_table.py --write"
 
@@ -150,27 +150,27 @@ def _grouped_ids(cells: list[Covered]) -> list[str]:
     return [f"`{base}" + (f"[{', '.join(p)}]`" if any(p) else "`") + status for (base, status), p in params.items()]
 
 
-def replace_section(readme: str, table: str) -> str:
-    """README text with everything between the markers replaced by ``table``."""
-    start, end = readme.find(BEGIN), readme.find(END)
+def replace_section(text: str, table: str) -> str:
+    """`text` with everything between the markers replaced by ``table``."""
+    start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < start:
-        raise ValueError(f"README.md needs the markers {BEGIN} and {END} around the table")
-    return readme[: start + len(BEGIN)] + "\n" + table + "\n" + readme[end:]
+        raise ValueError(f"{DOC.name} needs the markers {BEGIN} and {END} around the table")
+    return text[: start + len(BEGIN)] + "\n" + table + "\n" + text[end:]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write", action="store_true", help="rewrite README.md's table instead of checking it")
+    parser.add_argument("--write", action="store_true", help="rewrite docs/support.md's table instead of checking it")
     args = parser.parse_args(argv)
     table = render(collect())
     if not args.write:
         print(table)
-    current = README.read_text()
+    current = DOC.read_text()
     updated = replace_section(current, table)
     if args.write:
-        README.write_text(updated)
+        DOC.write_text(updated)
     elif updated != current:
-        print(f"\nREADME.md's support table is out of date: run `{COMMAND}`", file=sys.stderr)
+        print(f"\ndocs/support.md's support table is out of date: run `{COMMAND}`", file=sys.stderr)
         return 1
     return 0
 
