@@ -187,6 +187,8 @@ def use_private_cache_dir() -> str:
         return os.path.abspath(current)
     target = private_cache_dir()
     try:
+        if not os.path.isabs(target):  # no home directory to expand "~" to
+            raise OSError(f"{target} is not an absolute path")
         _make_private_dirs(target)
     except OSError as error:
         logger.warning("compile cache: cannot create the per-user cache directory %s (%s); inductor keeps %s",

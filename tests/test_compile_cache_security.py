@@ -209,6 +209,18 @@ def test_torchs_tmp_default_is_replaced_by_the_per_user_directory(tmp_path, monk
     assert (private / AUTOTUNE_KEY).exists()
 
 
+def test_a_user_directory_is_kept_and_without_a_home_torchs_directory_too(tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(mine))
+    assert compile_cache.use_private_cache_dir() == str(mine)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # no HOME, no passwd entry: "~" stays "~"
+    monkeypatch.setattr(compile_cache, "_local_cache_dir", lambda: "torch's own")
+    assert compile_cache.use_private_cache_dir() == "torch's own"
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
 # --- Crafted entries: refused whole, nothing run, nothing written -------------------------------------
 
 
