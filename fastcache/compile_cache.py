@@ -374,9 +374,9 @@ class _Refused(Exception):
 class _StandIn:
     """What a scanned pickle builds instead of any object it names: records, runs nothing.
 
-    A pickle may fill (BUILD, APPENDS, SETITEMS) only what it built with __new__: filling a class
-    it names, or what a call returned (an enum member, a torch.device), would change objects the
-    whole process shares when torch unpickles it for real.
+    A pickle may fill (BUILD, APPENDS, SETITEMS) only what it built with __new__ or a container it
+    made: filling a class it names, or what another call returned (an enum member), would change
+    objects the whole process shares when torch unpickles it for real.
     """
 
     _global: tuple[str, str]
@@ -398,7 +398,7 @@ class _StandIn:
         self._filled("sets items of")
 
     def _filled(self, action: str) -> None:
-        if self._scan.made[id(self)] == "call":
+        if self._scan.made[id(self)] == "call" and self._global not in _CALLABLE_GLOBALS:
             raise _Refused(f"{action} what {'.'.join(self._global)}(...) returned, an object torch would share")
 
 
@@ -835,7 +835,10 @@ def load_compile_cache(path: str | os.PathLike[str], *, trusted: bool = False) -
     path = os.fspath(path)
     if not hasattr(torch.compiler, "load_cache_artifacts"):
         return _not_loaded(path, f"torch {torch.__version__} cannot load a portable compile cache (torch >= 2.7)")
-    root = use_private_cache_dir()
+    try:
+        root = use_private_cache_dir()
+    except OSError as error:  # not even torch's default directory can be created
+        return _not_loaded(path, f"no usable compile cache directory: {error}")
     data = _read(path, trusted)
     if isinstance(data, str):
         return _not_loaded(path, data)

@@ -343,6 +343,32 @@ def test_python2_renames_in_old_pickles_start_only_from_refused_names():
     assert not [module for module in _compat_pickle.IMPORT_MAPPING if allowed(module)]
 
 
+def _pgo_code_state() -> bytes:
+    """What dynamo's PGO writes (put_local_code_state): a filled defaultdict of its dataclasses and enums."""
+    import collections
+
+    from torch._dynamo import pgo
+
+    sizes = pgo.FrameStateSizeEntry.make_size((1, 2))
+    sizes |= pgo.FrameStateSizeEntry.make_size((3, 2))  # a dynamic dimension: AutoDynamic
+    code = pgo.CodeState()
+    code.automatic_dynamic["x"] = sizes
+    state = collections.defaultdict(pgo.CodeState)
+    state[pgo.CodeId("/app/model.py", 1, "forward", "hash")] = code
+    return pickle.dumps(state)
+
+
+def test_a_pgo_entry_and_filled_containers_pass_the_scan(tmp_path, cache_dir):
+    import collections
+
+    containers = [collections.OrderedDict(a=1), collections.Counter("aab"), collections.deque([1]), {1, 2},
+                  frozenset([3]), torch.Size([1, 2]), torch.device("cpu"), torch.float16, slice(1, 2)]
+    assert compile_cache._pickle_problem(pickle.dumps(containers)) is None
+    path = _write(tmp_path / "f", _payload(("pgo", "0:job-1", _pgo_code_state())))
+    report = fastcache.load_compile_cache(path)
+    assert report and report.artifacts == {"pgo": 1, "cpp_kernel_files": 0}, report.reason
+
+
 def _triton_bundle(kernel_hash="c2abcdef", device=0, filename="triton_poi_fused_0.cubin"):
     from torch._inductor.triton_bundler import TritonKernelArtifact, TritonKernelArtifacts
 
