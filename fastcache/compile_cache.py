@@ -55,6 +55,7 @@ import contextlib
 import dataclasses
 import enum
 import importlib
+import inspect
 import io
 import json
 import logging
@@ -338,19 +339,27 @@ def _artifact_problem(artifact: _Artifact) -> str | None:
 # CUDA), a few containers and dtypes. Names are resolved (importing only those packages) to see
 # what they are; the pickle itself is then run against stand-ins, so nothing it names is called.
 # What it would call: only containers, enums and torch._dynamo.source's dataclasses (the pickles
-# build everything else with __new__ + __dict__), never a function. sympy objects (dynamic-shape
-# guards; fastcache compiles with dynamic=False) are refused: their constructors parse strings.
+# build everything else with __new__ + __dict__), inspect's signatures (a triton kernel's), and
+# getattr for a bound method of an object it built (a triton kernel's device_caches factory);
+# never a function. sympy objects (dynamic-shape guards; fastcache compiles with dynamic=False)
+# are refused: their constructors parse strings.
 
-_PICKLE_PACKAGES = ("torch._inductor", "torch._dynamo", "torch._functorch", "torch._subclasses",
+_PICKLE_PACKAGES = ("torch._inductor", "torch._dynamo", "torch._functorch", "torch._subclasses", "torch._guards",
                     "torch.utils._ordered_set", "triton")
 _CALLABLE_GLOBALS = frozenset(
     {("builtins", name) for name in ("set", "frozenset", "list", "dict", "tuple", "bytearray", "slice", "range",
                                      "complex", "int", "float", "str", "bytes", "bool")}
     | {("collections", name) for name in ("OrderedDict", "defaultdict", "Counter", "deque")}
     | {("torch", "device"), ("torch", "Size"), ("torch.utils._ordered_set", "OrderedSet")}
+    | {("inspect", "Signature"), ("inspect", "Parameter"), ("inspect", "_ParameterKind")}
 )
-_VALUE_GLOBALS = frozenset(("torch._utils", f"torch.{name}")
-                           for name in ("contiguous_format", "channels_last", "channels_last_3d", "preserve_format"))
+_VALUE_GLOBALS = frozenset(
+    {("torch._utils", f"torch.{name}")
+     for name in ("contiguous_format", "channels_last", "channels_last_3d", "preserve_format")}
+    | {("inspect", "_empty")}
+)
+_GETATTR = ("builtins", "getattr")  # only as a bound method: see _bound_method_problem
+_PUBLIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,99}")
 _CALLABLE_DATACLASS_MODULES = ("torch._dynamo.source",)  # dataclass_with_cached_hash: pickled as cls(*fields)
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
@@ -413,6 +422,8 @@ def _refuse_on_class(action: str) -> property:
 
 class _StandInType(type):
     def __call__(cls, *args: Any, **kwargs: Any) -> _StandIn:  # REDUCE / INST / OBJ: the pickle calls it
+        if cls._global == _GETATTR:
+            cls._scan.getattrs.append((args, kwargs))
         return cls._scan.record(cls, "call")
 
     __setstate__ = _refuse_on_class("sets the state of")  # BUILD on a class: would patch torch's classes
@@ -432,6 +443,7 @@ class _PickleScan(pickle.Unpickler):
         self.instances: list[_StandIn] = []
         self.made: dict[int, str] = {}
         self.states: dict[int, Any] = {}
+        self.getattrs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         self._types: dict[tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str) -> type:
@@ -464,12 +476,14 @@ def _pickle_problem(content: bytes) -> str | None:
     for (module, name), uses in scan.uses.items():
         if (problem := _global_problem(module, name, uses)) is not None:
             return problem
-    return _path_field_problem(scan)
+    return _bound_method_problem(scan) or _path_field_problem(scan)
 
 
 def _global_problem(module: str, name: str, uses: set[str]) -> str | None:
     shown = f"{module[:100]}.{name[:100]}"
     if (module, name) in _CALLABLE_GLOBALS or ((module, name) in _VALUE_GLOBALS and uses == {"ref"}):
+        return None
+    if (module, name) == _GETATTR and uses <= {"ref", "call"}:
         return None
     if module == "torch" and uses == {"ref"} and isinstance(getattr(torch, name, None), torch.dtype):
         return None
@@ -530,6 +544,24 @@ def _is_namedtuple(cls: type) -> bool:
 def _plain_new(cls: type) -> bool:
     owner = next(klass for klass in cls.__mro__ if "__new__" in vars(klass))
     return owner.__module__ == "builtins" or _is_namedtuple(cls)
+
+
+def _bound_method_problem(scan: _PickleScan) -> str | None:
+    """getattr may only take a plain method of an object the pickle built, making a bound method.
+
+    A property, a class attribute or a dunder would run code, or reach objects (function globals,
+    modules) outside the allowed names.
+    """
+    for args, kwargs in scan.getattrs:
+        target, name = (args + (None, None))[:2]
+        if kwargs or len(args) != 2 or not isinstance(name, str) or _PUBLIC_NAME.fullmatch(name) is None:
+            return f"calls getattr for {str(name)[:100]!r}, which is not a public method name"
+        if not isinstance(target, _StandIn) or scan.made[id(target)] not in ("new", "new_with_args"):
+            return f"takes {name!r} of an object it did not build, which a compile-cache entry never does"
+        cls = _resolve(*target._global)
+        if not isinstance(cls, type) or not isinstance(inspect.getattr_static(cls, name, None), types.FunctionType):
+            return f"takes {name!r} of a {'.'.join(target._global)}, which is not one of its methods"
+    return None
 
 
 def _path_field_problem(scan: _PickleScan) -> str | None:

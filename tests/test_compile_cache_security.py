@@ -285,7 +285,6 @@ def test_a_pickle_that_runs_a_command_is_refused_without_running_it(tmp_path, ca
 
 @pytest.mark.parametrize("function, args, reason", [
     (exec, ("open('{marker}', 'w')",), "names builtins.exec"),
-    (getattr, ("text", "upper"), "names builtins.getattr"),
     (__import__, ("subprocess",), "names builtins.__import__"),
     # allowed packages, but a function call or a constructor with effects is never what an entry does
     (torch._inductor.codecache.write_atomic, ("{marker}", b"x"), "calls the function torch._inductor.codecache"),
@@ -367,6 +366,49 @@ def test_a_pgo_entry_and_filled_containers_pass_the_scan(tmp_path, cache_dir):
     path = _write(tmp_path / "f", _payload(("pgo", "0:job-1", _pgo_code_state())))
     report = fastcache.load_compile_cache(path)
     assert report and report.artifacts == {"pgo": 1, "cpp_kernel_files": 0}, report.reason
+
+
+def test_a_bound_method_of_an_object_it_built_and_signatures_pass_the_scan():
+    """What a triton kernel (JITFunction) brings on CUDA: defaultdict(self.create_binder), inspect signatures."""
+    import collections
+    import inspect
+
+    from torch._inductor.utils import IndentedBuffer
+
+    buffer = IndentedBuffer()
+    assert compile_cache._pickle_problem(pickle.dumps(collections.defaultdict(buffer.getvalue))) is None
+    signature = inspect.signature(lambda a, b=1, *args, c: 0)
+    assert compile_cache._pickle_problem(pickle.dumps([signature, inspect.Parameter.empty])) is None
+
+
+@pytest.mark.parametrize("target, name, reason", [
+    ("BoxedBool(True)", "disable", "takes 'disable' of a torch._inductor.utils.BoxedBool, which is not one of its"),
+    ("BoxedBool(True)", "__init__", "calls getattr for '__init__', which is not a public method name"),
+    ("BoxedBool", "disable", "takes 'disable' of an object it did not build"),  # the class itself
+    ("'text'", "upper", "takes 'upper' of an object it did not build"),
+])
+def test_getattr_other_than_a_method_of_its_own_objects_is_refused(tmp_path, cache_dir, target, name, reason):
+    from torch._inductor.utils import BoxedBool  # noqa: F401 (eval)
+
+    content = pickle.dumps(_Calls(getattr, eval(target), name))
+    _assert_refused(fastcache.load_compile_cache(_pickled_entry_file(tmp_path, content)), reason, cache_dir)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels (and their pickles) exist only on CUDA")
+def test_real_cuda_entries_pass_the_scan(tmp_path, monkeypatch):
+    """torch's own CUDA entries (Triton bundle, static launcher, autotune) must never be refused."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+
+    @torch.compile
+    def function(x):
+        return (x.sin() + 1).relu().sum(dim=-1) + x.cos().amax(dim=0)
+
+    function(torch.randn(256, 256, device="cuda"))
+    payload, info = torch.compiler.save_cache_artifacts()
+    artifacts = compile_cache._read_artifacts(payload)
+    assert {artifact.kind for artifact in artifacts} >= {"inductor", "aot_autograd"}, info
+    assert [compile_cache._artifact_problem(artifact) for artifact in artifacts] == [None] * len(artifacts)
 
 
 def _triton_bundle(kernel_hash="c2abcdef", device=0, filename="triton_poi_fused_0.cubin"):
