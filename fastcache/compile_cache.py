@@ -32,9 +32,11 @@ libraries that this process unpickles, imports and loads when a graph hits them.
   user (or root) or that group or others may write, unless the caller passes ``trusted=True``.
 * Before anything is written or unpickled, every entry is checked: only the entry kinds torch's
   compile caches use, names that stay inside the cache layout (no absolute path, no ``..``, no
-  sub-folder, no NUL, bounded length), and pickles that only build torch's compile-cache classes
-  (scanned without running them; no function call, no ``os``, ``subprocess``, ``eval``...). One
-  bad entry refuses the whole file, and nothing is written. ``trusted=True`` never skips these.
+  sub-folder, no NUL, bounded length), and pickles that only build torch's (and triton's)
+  compile-cache classes, containers and dtypes, scanned against stand-ins without running
+  anything (no function call beyond those, no ``os``, ``subprocess``, ``eval``..., no change to
+  torch's own objects). One bad entry refuses the whole file, and nothing is written.
+  ``trusted=True`` never skips these.
   These checks stop a crafted file from acting while it is loaded; what a trusted file's entries
   do when a graph hits them is still the file author's code, which is why ownership matters.
 * torch's own default cache directory, ``/tmp/torchinductor_<user>``, is a predictable name in a

@@ -20,6 +20,7 @@ import stat
 import pytest
 import torch
 import torch._inductor.codecache
+from torch._inductor.utils import BoxedBool
 from torch.utils._appending_byte_serializer import BytesWriter
 
 import fastcache
@@ -382,15 +383,13 @@ def test_a_bound_method_of_an_object_it_built_and_signatures_pass_the_scan():
 
 
 @pytest.mark.parametrize("target, name, reason", [
-    ("BoxedBool(True)", "disable", "takes 'disable' of a torch._inductor.utils.BoxedBool, which is not one of its"),
-    ("BoxedBool(True)", "__init__", "calls getattr for '__init__', which is not a public method name"),
-    ("BoxedBool", "disable", "takes 'disable' of an object it did not build"),  # the class itself
-    ("'text'", "upper", "takes 'upper' of an object it did not build"),
+    (BoxedBool(True), "disable", "takes 'disable' of a torch._inductor.utils.BoxedBool, which is not one of its"),
+    (BoxedBool(True), "__init__", "calls getattr for '__init__', which is not a public method name"),
+    (BoxedBool, "disable", "takes 'disable' of an object it did not build"),  # the class itself
+    ("text", "upper", "takes 'upper' of an object it did not build"),
 ])
 def test_getattr_other_than_a_method_of_its_own_objects_is_refused(tmp_path, cache_dir, target, name, reason):
-    from torch._inductor.utils import BoxedBool  # noqa: F401 (eval)
-
-    content = pickle.dumps(_Calls(getattr, eval(target), name))
+    content = pickle.dumps(_Calls(getattr, target, name))
     _assert_refused(fastcache.load_compile_cache(_pickled_entry_file(tmp_path, content)), reason, cache_dir)
 
 
