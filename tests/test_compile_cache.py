@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 
@@ -21,6 +22,13 @@ import fastcache
 from fastcache import compile_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path, monkeypatch):
+    """In-process loads write into (and may re-point TORCHINDUCTOR_CACHE_DIR at) this test's folders only."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
 
 
 def _run_worker(cache_dir, out, *args: str) -> dict:
@@ -65,6 +73,9 @@ def test_restart_from_file_compiles_nothing_and_gives_the_same_latents(restart):
     built = {os.path.relpath(os.path.join(folder, name), cache_dir).replace(os.sep, "/")
              for folder, _, names in os.walk(cache_dir) for name in names if name.endswith(".so")}
     assert built and built <= bundled, sorted(built - bundled)[:5]
+    # Restored 0644 (umask 022): the loader needs no execute bit, nobody else may change them.
+    modes = {name: stat.S_IMODE(os.stat(os.path.join(cache_dir, name)).st_mode) for name in bundled}
+    assert all(mode & 0o133 == 0 for mode in modes.values()), {n: oct(m) for n, m in modes.items() if m & 0o133}
     # Same generated code, same kernels: the same latents, bit for bit (tolerance 0).
     assert torch.equal(warm["latents"], cold["latents"])
 
