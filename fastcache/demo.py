@@ -91,7 +91,12 @@ def run_demo(args: argparse.Namespace) -> list[DemoResult]:
 
     setup = time.perf_counter()
     cache = args.compile_cache
-    loaded = cache is not None and os.path.exists(cache) and bool(fastcache.load_compile_cache(cache))
+    loaded = False
+    if cache is not None and os.path.exists(cache):
+        load = fastcache.load_compile_cache(cache)
+        loaded = bool(load)
+        if not loaded:  # say why before the run compiles and saves a new file over it
+            print(f"compile cache: {cache} not loaded: {load.reason}")
     handle = fastcache.accelerate(pipe, cache_interval=args.interval, cache_branch_id=args.branch, compile=args.compile)
     try:
         handle.warmup(height=None, width=None, batch_size=1)
