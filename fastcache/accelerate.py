@@ -551,6 +551,7 @@ class FastCache:
             )
             key = inputs.key()
             calling = self._calling_pipe if self._calling_pipe is not None else self.pipe  # a custom loop
+            self._dispatcher.locate(calling.scheduler, timestep)  # PNDM img2img: DeepCache's step numbers
             refresh = self._dispatcher.next_call(calling.scheduler, key)
             if self._controlnet_reuse is not None:  # stores (or, as a safety net, recomputes) its residuals
                 inputs = self._controlnet_reuse.unet_call(refresh, key, inputs)
