@@ -60,7 +60,7 @@ from .runtime import (
 )
 from .schedule import ExplicitSchedule, UniformSchedule
 from .side_models import CompileFailure, SideModels
-from .unet_split import ADDED_COND_KWARGS, UNetSplit
+from .unet_split import ADDED_COND_KWARGS, CROSS_ATTENTION_KWARGS, UNetSplit
 
 logger = logging.getLogger("fastcache")
 
@@ -511,8 +511,9 @@ class FastCache:
                 ("class_labels", class_labels),
                 ("attention_mask", attention_mask),
                 ("encoder_attention_mask", encoder_attention_mask),
-                ("cross_attention_kwargs other than a LoRA `scale`", {
-                    name: value for name, value in (cross_attention_kwargs or {}).items() if name != "scale"
+                ("cross_attention_kwargs other than a LoRA `scale` and `ip_adapter_masks`", {
+                    name: value for name, value in (cross_attention_kwargs or {}).items()
+                    if name not in CROSS_ATTENTION_KWARGS
                 }),
             )
             if value is not None and not (isinstance(value, Mapping) and not value)
@@ -548,9 +549,11 @@ class FastCache:
             inputs = StepInputs.from_unet_call(
                 sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
                 down_block_additional_residuals, mid_block_additional_residual,
+                (cross_attention_kwargs or {}).get("ip_adapter_masks"),
             )
             key = inputs.key()
             calling = self._calling_pipe if self._calling_pipe is not None else self.pipe  # a custom loop
+            self._dispatcher.locate(calling.scheduler, timestep)  # PNDM img2img: DeepCache's step numbers
             refresh = self._dispatcher.next_call(calling.scheduler, key)
             if self._controlnet_reuse is not None:  # stores (or, as a safety net, recomputes) its residuals
                 inputs = self._controlnet_reuse.unet_call(refresh, key, inputs)

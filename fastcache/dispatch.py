@@ -13,10 +13,15 @@ Rules:
   ``state_in_first_order`` flag, and both evaluations of a step take the same decision: a refresh
   step runs the full graph for its first evaluation and for its correction. (DeepCache maps the
   timestep to a step with ``timesteps.index(t)``, which is wrong there: Heun repeats timesteps.)
-* PNDM in PLMS mode (SD 1.x's default) evaluates its second timestep twice (21 calls for 20
-  steps). The repeated call takes the decision of the call before it and step numbers go on by
-  call, which is exactly what DeepCache's ``timesteps.index(t)`` gives there (steps 0,1,1,3,4,...),
-  so SD 1.x's default scheduler gives DeepCache's images at every interval.
+* PNDM in PLMS mode (SD 1.x's default) evaluates its second timestep twice: its timesteps are
+  ``[t0, t1, t1, t2, ...]`` (21 calls for 20 steps). Its calls are numbered as DeepCache's
+  ``timesteps.index(t)`` numbers them, counted from the pipeline call's first U-Net call: the
+  position in that list, except that the repeat takes the number of the call before it. Text-to-
+  image numbers its calls 0,1,1,3,4,...; an img2img or inpaint call with strength < 1 starts at
+  position ``t_start`` of the same list, which gives 0,0,2,3,... (t_start 1), 0,2,3,4,... (t_start
+  2) and 0,1,2,3,... (t_start 3 or more). So SD 1.x's default scheduler gives DeepCache's images at
+  every interval and strength. The first call's position is read from tensor metadata: the
+  pipeline's ``t`` is a view into ``scheduler.timesteps`` (`timestep_position`).
 * A cached call is only allowed at the shape of the last refresh; any other shape refreshes.
 """
 
@@ -24,6 +29,9 @@ from __future__ import annotations
 
 import logging
 from typing import Any, Hashable
+
+import numpy as np
+import torch
 
 from .schedule import RefreshSchedule
 
@@ -53,19 +61,52 @@ def is_second_evaluation(scheduler: Any) -> bool:
     return getattr(scheduler, "state_in_first_order", True) is False
 
 
-def repeats_timestep(scheduler: Any) -> bool:
-    """True when the next call re-evaluates the previous call's timestep (PNDM's PLMS warm-up).
+def timestep_position(scheduler: Any, timestep: Any) -> int | None:
+    """Where `timestep` sits in ``scheduler.timesteps``, from tensor metadata only (no device read).
 
-    PNDM with ``skip_prk_steps`` has timesteps ``[t0, t1, t1, t2, ...]``: its second call corrects
-    the first step, its third starts again from ``t1``. That third call is the only one made with
-    ``counter == 2`` while a single model output is stored in ``ets``.
+    diffusers' pipelines loop over ``scheduler.timesteps`` or a slice of it (img2img and inpaint
+    skip the first ``t_start``), so each step's ``t`` is a view into the scheduler's tensor and its
+    storage offset is its position. None for anything else (a Python number, a copy).
     """
+    timesteps = getattr(scheduler, "timesteps", None)
+    if not (torch.is_tensor(timestep) and torch.is_tensor(timesteps)) or timestep.numel() != 1 or timesteps.dim() != 1:
+        return None
+    if timestep.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr():
+        return None
+    offset, stride = timestep.storage_offset() - timesteps.storage_offset(), timesteps.stride(0)
+    if stride <= 0 or offset % stride or not 0 <= offset // stride < len(timesteps):
+        return None
+    return offset // stride
+
+
+def plms_timesteps(scheduler: Any) -> np.ndarray | None:
+    """PNDM's timesteps in PLMS mode (``skip_prk_steps``), which it keeps on the host beside the
+    device tensor; None for any other scheduler."""
     config = getattr(scheduler, "config", None)
-    return (
-        getattr(config, "skip_prk_steps", False) is True
-        and getattr(scheduler, "counter", None) == 2
-        and len(getattr(scheduler, "ets", ())) == 1
-    )
+    values = getattr(scheduler, "plms_timesteps", None)
+    if getattr(config, "skip_prk_steps", False) is not True or not isinstance(values, np.ndarray):
+        return None
+    return values
+
+
+def deepcache_numbers(scheduler: Any, start: int | None) -> tuple[int, ...] | None:
+    """DeepCache's step number for each U-Net call of a pipeline call whose first call is at
+    position `start` of ``scheduler.timesteps`` (None: unknown, taken as 0, text-to-image).
+
+    DeepCache numbers a call ``timesteps.index(t)`` less the first call's number: the call's
+    position, except that a repeated value takes the position where it first appears. Of the
+    first-order schedulers only PNDM's PLMS mode repeats one; None (number = call index) for the
+    others. Second-order schedulers repeat timesteps too but are counted by step (module docstring).
+    """
+    values = plms_timesteps(scheduler)
+    if values is None:
+        return None
+    start = start if start is not None and start < len(values) else 0
+    first_position: dict[int, int] = {}
+    for position, value in enumerate(values.tolist()):
+        first_position.setdefault(value, position)
+    first = [first_position[value] for value in values[start:].tolist()]
+    return tuple(number - first[0] for number in first)
 
 
 class StepDispatcher:
@@ -81,16 +122,25 @@ class StepDispatcher:
         """Start a new pipeline call: the next U-Net call refreshes."""
         self.step = -1
         self._num_steps: int | None = None
+        self._numbers: tuple[int, ...] | None = None
         self._step_refreshes = True
         self._refreshed_key: Hashable | None = None
+        self._start: int | None = None
 
     def force(self, schedule: RefreshSchedule | None) -> None:
         """Use `schedule` instead of the configured one until called with None (warm-up)."""
         self._forced = schedule
 
+    def locate(self, scheduler: Any, timestep: Any) -> None:
+        """Note where the coming U-Net call's `timestep` sits in ``scheduler.timesteps``, before
+        `next_call`. Only the first call of a pipeline call is read: DeepCache numbers the steps
+        of a call from its first timestep's position (PNDM's img2img, `deepcache_numbers`)."""
+        if self.step < 0:
+            self._start = timestep_position(scheduler, timestep)
+
     def next_call(self, scheduler: Any, shape_key: Hashable) -> bool:
         """Decide the next U-Net call; True means refresh."""
-        refresh, self.step, self._num_steps, self._step_refreshes = self._decide(scheduler, shape_key)
+        refresh, self.step, self._num_steps, self._numbers, self._step_refreshes = self._decide(scheduler, shape_key)
         if self.step == 0:  # warns once per handle (step 0 of Heun's second evaluation too)
             self._warn_if_few_steps(self._forced or self.schedule)
         if refresh:
@@ -106,18 +156,21 @@ class StepDispatcher:
         """
         return self._decide(scheduler, shape_key)[0]
 
-    def _decide(self, scheduler: Any, shape_key: Hashable) -> tuple[bool, int, int | None, bool]:
-        """(refresh, step, num_steps, step_refreshes) after the next call; reads state only."""
-        step, num_steps, step_refreshes = self.step, self._num_steps, self._step_refreshes
+    def _decide(
+        self, scheduler: Any, shape_key: Hashable
+    ) -> tuple[bool, int, int | None, tuple[int, ...] | None, bool]:
+        """(refresh, step, num_steps, numbers, step_refreshes) after the next call; reads state only."""
+        step, num_steps, numbers, step_refreshes = self.step, self._num_steps, self._numbers, self._step_refreshes
         if step < 0 or not is_second_evaluation(scheduler):
             step += 1
             schedule = self._forced or self.schedule
             if step == 0:
                 num_steps = steps_in_call(scheduler)
-            if not repeats_timestep(scheduler):
-                step_refreshes = step == 0 or schedule.is_refresh(step, num_steps)
+                numbers = deepcache_numbers(scheduler, self._start)
+            number = numbers[step] if numbers is not None and step < len(numbers) else step
+            step_refreshes = number == 0 or schedule.is_refresh(number, num_steps)
         refresh = step_refreshes or shape_key != self._refreshed_key
-        return refresh, step, num_steps, step_refreshes
+        return refresh, step, num_steps, numbers, step_refreshes
 
     def _warn_if_few_steps(self, schedule: RefreshSchedule) -> None:
         if self._forced is not None or self._warned_few_steps or not schedule.caches:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import ShapeNotWarmedError
-from .unet_split import ADDED_CONDITIONS, UNetSplit
+from .unet_split import ADDED_CONDITIONS, UNetSplit, ip_adapter_masks
 
 # Per compiled function: how many shape keys dynamo may hold before it raises (never eager).
 RECOMPILE_LIMIT = 64
@@ -37,6 +37,14 @@ def host_tensor(values: Any, device: torch.device) -> torch.Tensor:
     """
     tensor = torch.tensor(values, dtype=torch.float32)
     return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
+def host_tensor_to(tensor: Tensor, device: torch.device) -> Tensor:
+    """`tensor` copied to `device`; from the CPU to a CUDA device through pinned memory with
+    ``non_blocking=True``, so the copy does not wait for the GPU (see `host_tensor`)."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @contextlib.contextmanager
@@ -94,7 +102,10 @@ class StepInputs:
         timestep_cond: Tensor | None = None,
         down_residuals: Sequence[Tensor] | None = None,
         mid_residual: Tensor | None = None,
+        masks: Any = None,
     ) -> "StepInputs":
+        """`masks`: ``cross_attention_kwargs["ip_adapter_masks"]``; masks on another device than
+        the sample (diffusers leaves them on the CPU) are copied to it, from pinned memory."""
         batch, device = sample.shape[0], sample.device
         if torch.is_tensor(timestep) and timestep.device != device and timestep.device.type == "cpu":
             if timestep.numel() == 1:
@@ -116,13 +127,18 @@ class StepInputs:
             added["down_residuals"] = tuple(down_residuals)
         if mid_residual is not None:
             added["mid_residual"] = mid_residual
+        if masks is not None:
+            added["ip_adapter_masks"] = tuple(
+                mask if mask is None or mask.device == device else host_tensor_to(mask, device)
+                for mask in ip_adapter_masks(masks)
+            )
         return cls(sample, timestep, encoder_hidden_states, added)
 
     def clone(self) -> "StepInputs":
         """Fresh copies of every tensor (static buffers for graph capture)."""
 
         def copy(value: Any) -> Any:
-            return tuple(t.clone() for t in value) if isinstance(value, tuple) else value.clone()
+            return tuple(t if t is None else t.clone() for t in value) if isinstance(value, tuple) else value.clone()
 
         return StepInputs(
             self.sample.clone(), self.timestep.clone(), self.encoder_hidden_states.clone(),
@@ -130,7 +146,8 @@ class StepInputs:
         )
 
     def tensors(self) -> dict[str, Tensor]:
-        """Every tensor by a flat name, in a fixed order."""
+        """Every tensor by a flat name, in a fixed order (a None entry of a tuple, an unmasked
+        IP-Adapter, has no name: the names present tell the shape keys apart)."""
         named = {
             "sample": self.sample,
             "timestep": self.timestep,
@@ -139,7 +156,7 @@ class StepInputs:
         for name in ADDED_CONDITIONS:
             value = self.added.get(name)
             if isinstance(value, tuple):
-                named.update((f"{name}.{index}", tensor) for index, tensor in enumerate(value))
+                named.update((f"{name}.{index}", tensor) for index, tensor in enumerate(value) if tensor is not None)
             elif value is not None:
                 named[name] = value
         return named

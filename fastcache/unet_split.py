@@ -28,13 +28,39 @@ from .errors import InvalidConfigError, UnsupportedPipelineError
 # Inputs a split understands besides sample, timestep and text embeddings, passed in one mapping:
 # SDXL's added conditions (``added_cond_kwargs``), LCM's ``timestep_cond``, and ControlNet's
 # residuals (``down_residuals``: a tuple with one tensor per skip connection, ``mid_residual``),
-# and IP-Adapter image embeddings (``image_embeds``: a tuple with one tensor per adapter).
-ADDED_CONDITIONS = ("text_embeds", "time_ids", "timestep_cond", "down_residuals", "mid_residual", "image_embeds")
+# IP-Adapter image embeddings (``image_embeds``: a tuple with one tensor per adapter) and masks
+# (``ip_adapter_masks``: a tuple with one tensor, or None for an unmasked adapter, per adapter).
+ADDED_CONDITIONS = (
+    "text_embeds", "time_ids", "timestep_cond", "down_residuals", "mid_residual", "image_embeds", "ip_adapter_masks",
+)
 # The ones that arrive in the U-Net call's ``added_cond_kwargs`` (the others have arguments of their own).
 ADDED_COND_KWARGS = ("text_embeds", "time_ids", "image_embeds")
 # The one kind of encoder_hid_proj a split supports: IP-Adapter's image projection, which turns
 # the text context into a (text, [image tokens per adapter]) tuple for the attention processors.
 IP_ADAPTER_PROJECTION = "ip_image_proj"
+# The keys of a U-Net call's ``cross_attention_kwargs`` a split handles: LoRA's ``scale`` (applied
+# through the LoRA scale buffer, lora.py) and IP-Adapter masks (an input, `ip_adapter_masks`).
+CROSS_ATTENTION_KWARGS = ("scale", "ip_adapter_masks")
+
+
+def ip_adapter_masks(masks: Any) -> tuple[Tensor | None, ...]:
+    """``cross_attention_kwargs["ip_adapter_masks"]`` as one entry per adapter, as diffusers'
+    IP-Adapter attention processors read it: a list as given (a ``(1, images, h, w)`` tensor, or
+    None for an unmasked adapter, per adapter), or a ``(adapters, 1, h, w)`` tensor split into
+    ``list(masks.unsqueeze(1))`` (their backward-compatible form).
+
+    Raises ValueError, as the processors would, for an entry of another kind: checked here, before
+    a graph is compiled with it, so that it is the same error in every runtime.
+    """
+    entries = tuple(masks.unsqueeze(1)) if torch.is_tensor(masks) else tuple(masks)
+    for entry in entries:
+        if entry is not None and not (torch.is_tensor(entry) and entry.ndim == 4):
+            raise ValueError(
+                "each entry of ip_adapter_masks must be None or a (1, images, height, width) tensor "
+                f"(IPAdapterMaskProcessor.preprocess makes them); got {type(entry).__name__}"
+                + (f" of shape {tuple(entry.shape)}" if torch.is_tensor(entry) else "")
+            )
+    return entries
 
 
 @dataclass(frozen=True)
@@ -163,12 +189,13 @@ class UNetSplit:
     ) -> tuple[Tensor, Tensor]:
         """The whole U-Net; returns (noise prediction, kept features for `shallow`)."""
         emb, context, hidden = self._embed(sample, timestep, encoder_hidden_states, added)
+        attention_kwargs = self._attention_kwargs(added)
         skips = [hidden]
-        hidden = self._down(hidden, emb, context, skips, stop=None)
+        hidden = self._down(hidden, emb, context, attention_kwargs, skips, stop=None)
         skips = self._add_residuals(skips, added)
-        mid = self._mid(hidden, emb, context)
+        mid = self._mid(hidden, emb, context, attention_kwargs)
         hidden = mid + added["mid_residual"] if "mid_residual" in added else mid
-        hidden, kept = self._up(hidden, emb, context, skips, sample.shape, start=None)
+        hidden, kept = self._up(hidden, emb, context, attention_kwargs, skips, sample.shape, start=None)
         if self.keeps_mid_output:  # kept before the residual: a cached step adds its own (see below)
             kept = mid
         return self._out(hidden), kept
@@ -183,12 +210,13 @@ class UNetSplit:
     ) -> Tensor:
         """Only the shallow branch, with `kept` (from `full` at an earlier step) for the deep path."""
         emb, context, hidden = self._embed(sample, timestep, encoder_hidden_states, added)
+        attention_kwargs = self._attention_kwargs(added)
         skips = [hidden]
-        self._down(hidden, emb, context, skips, stop=self.point)
+        self._down(hidden, emb, context, attention_kwargs, skips, stop=self.point)
         skips = self._add_residuals(skips, added)
         if self.keeps_mid_output and "mid_residual" in added:
             kept = kept + added["mid_residual"]
-        hidden, _ = self._up(kept, emb, context, skips, sample.shape, start=self.point)
+        hidden, _ = self._up(kept, emb, context, attention_kwargs, skips, sample.shape, start=self.point)
         return self._out(hidden)
 
     @property
@@ -220,18 +248,26 @@ class UNetSplit:
         return emb, context, unet.conv_in(sample)
 
     @staticmethod
-    def _attend(attention: Any, hidden: Tensor, context: Tensor) -> Tensor:
+    def _attention_kwargs(added: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The U-Net's ``cross_attention_kwargs`` for its attention processors, as its forward
+        passes them on (LoRA's scale removed): IP-Adapter masks, as the list the processors want."""
+        masks = added.get("ip_adapter_masks")
+        return None if masks is None else {"ip_adapter_masks": list(masks)}
+
+    @staticmethod
+    def _attend(attention: Any, hidden: Tensor, context: Tensor, attention_kwargs: dict[str, Any] | None) -> Tensor:
         return attention(
             hidden,
             encoder_hidden_states=context,
-            cross_attention_kwargs=None,
+            cross_attention_kwargs=attention_kwargs,
             attention_mask=None,
             encoder_attention_mask=None,
             return_dict=False,
         )[0]
 
     def _down(
-        self, hidden: Tensor, emb: Tensor, context: Tensor, skips: list[Tensor], stop: BranchPoint | None
+        self, hidden: Tensor, emb: Tensor, context: Tensor, attention_kwargs: dict[str, Any] | None,
+        skips: list[Tensor], stop: BranchPoint | None,
     ) -> Tensor:
         """Down path; appends every skip tensor. With `stop`, ends just before layer (block, layer)."""
         for level, block in enumerate(self.unet.down_blocks):
@@ -241,7 +277,7 @@ class UNetSplit:
                     return hidden
                 hidden = resnet(hidden, emb)
                 if attentions is not None:
-                    hidden = self._attend(attentions[layer], hidden, context)
+                    hidden = self._attend(attentions[layer], hidden, context, attention_kwargs)
                 skips.append(hidden)
             if stop is not None and level == stop.block:  # stop.layer is the downsampler's slot
                 return hidden
@@ -259,14 +295,14 @@ class UNetSplit:
             return skips
         return [skip + residual for skip, residual in zip(skips, residuals)]
 
-    def _mid(self, hidden: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def _mid(self, hidden: Tensor, emb: Tensor, context: Tensor, attention_kwargs: dict[str, Any] | None) -> Tensor:
         mid = self.unet.mid_block
         if mid is None:
             return hidden
         if getattr(mid, "has_cross_attention", False):
             return mid(
                 hidden, emb, encoder_hidden_states=context, attention_mask=None,
-                cross_attention_kwargs=None, encoder_attention_mask=None,
+                cross_attention_kwargs=attention_kwargs, encoder_attention_mask=None,
             )
         return mid(hidden, emb)
 
@@ -275,6 +311,7 @@ class UNetSplit:
         hidden: Tensor,
         emb: Tensor,
         context: Tensor,
+        attention_kwargs: dict[str, Any] | None,
         skips: list[Tensor],
         sample_shape: torch.Size,
         start: BranchPoint | None,
@@ -313,7 +350,7 @@ class UNetSplit:
                     )
                 hidden = resnet(torch.cat([hidden, skip], dim=1), emb)
                 if attentions is not None:
-                    hidden = self._attend(attentions[position], hidden, context)
+                    hidden = self._attend(attentions[position], hidden, context, attention_kwargs)
             if block.upsamplers is not None:
                 upsample_size = skips[-1].shape[2:] if (index < num_levels - 1 and forward_upsample_size) else None
                 for upsampler in block.upsamplers:

@@ -94,7 +94,7 @@ def test_deepcache_helper_enabled_is_detected(sd_pipe):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (dict(cross_attention_kwargs={"scale": 0.5, "ip_adapter_masks": None}), "cross_attention_kwargs"),
+        (dict(cross_attention_kwargs={"scale": 0.5, "gligen": None}), "cross_attention_kwargs"),
         (dict(added_cond_kwargs={"hint": torch.zeros(1)}), "hint"),
         (dict(down_block_additional_residuals=(torch.zeros(1),)), "T2I-Adapter path"),
         (dict(down_intrablock_additional_residuals=(torch.zeros(1),)), "T2I-Adapter residuals"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from fastcache.dispatch import StepDispatcher, steps_in_call
+from fastcache.dispatch import StepDispatcher, steps_in_call, timestep_position
 from fastcache.schedule import QuadraticSchedule, UniformSchedule
 
 
@@ -98,14 +98,76 @@ def test_few_steps_warn_once(caplog):
     assert caplog.text == ""
 
 
+def _plms_scheduler(num_steps: int) -> SimpleNamespace:
+    """A PNDM scheduler in PLMS mode as diffusers builds it: timesteps [t0, t1, t1, t2, ...], kept
+    both as a tensor and on the host (``plms_timesteps``)."""
+    from diffusers import PNDMScheduler
+
+    scheduler = PNDMScheduler(skip_prk_steps=True)
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+def _pattern(dispatcher, scheduler, timesteps) -> str:
+    """Decisions for a loop over `timesteps` (a slice of scheduler.timesteps, as a pipeline does)."""
+    out = []
+    for t in timesteps:
+        dispatcher.locate(scheduler, t)
+        out.append(dispatcher.next_call(scheduler, "k"))
+    return "".join("R" if r else "c" for r in out)
+
+
 def test_pndm_repeated_first_timestep_shares_the_decision_and_numbering_goes_on():
-    scheduler = SimpleNamespace(num_inference_steps=6, config=SimpleNamespace(skip_prk_steps=True), counter=0, ets=[])
-
-    def pndm_step():  # diffusers' step_plms: the second call (counter 1) stores no model output
-        if scheduler.counter != 1:
-            scheduler.ets.append("output")
-        scheduler.counter += 1
-
+    scheduler = _plms_scheduler(6)
     dispatcher = StepDispatcher(UniformSchedule(2))
     # DeepCache's numbering for these 7 calls: 0, 1, 1, 3, 4, 5, 6
-    assert decisions(dispatcher, scheduler, 7, after_call=pndm_step) == "RcccRcR"
+    assert _pattern(dispatcher, scheduler, scheduler.timesteps) == "RcccRcR"
+
+
+def test_pndm_img2img_numbers_steps_as_deepcache_from_the_first_position():
+    """An img2img call starts at position t_start of [t0, t1, t1, t2, ...]; DeepCache numbers its
+    calls index(t) - index(first t): t_start 1: 0,0,2,3,...; 2: 0,2,3,...; 3 or more: 0,1,2,..."""
+    scheduler = _plms_scheduler(10)
+    expected = {
+        0: [0, 1, 1, 3, 4, 5, 6, 7, 8, 9, 10],
+        1: [0, 0, 2, 3, 4, 5, 6, 7, 8, 9],
+        2: [0, 2, 3, 4, 5, 6, 7, 8, 9],
+        3: [0, 1, 2, 3, 4, 5, 6, 7],
+        7: [0, 1, 2, 3],
+    }
+    for t_start, numbers in expected.items():
+        for interval in (2, 3):
+            dispatcher = StepDispatcher(UniformSchedule(interval))
+            pattern = _pattern(dispatcher, scheduler, scheduler.timesteps[t_start:])
+            assert pattern == "".join("R" if n % interval == 0 else "c" for n in numbers), (t_start, interval)
+    dispatcher = StepDispatcher(UniformSchedule(3))  # the issue's case: 10 steps, strength 0.8
+    assert _pattern(dispatcher, scheduler, scheduler.timesteps[2:]) == "RcRccRccR"
+
+
+def test_timestep_position_reads_metadata_only():
+    scheduler = _plms_scheduler(10)
+    timesteps = scheduler.timesteps
+    assert [timestep_position(scheduler, t) for t in timesteps[2:5]] == [2, 3, 4]
+    assert timestep_position(scheduler, timesteps[3].clone()) is None  # a copy: position unknown
+    assert timestep_position(scheduler, int(timesteps[3])) is None
+    assert timestep_position(SimpleNamespace(), timesteps[3]) is None
+
+
+def test_pndm_without_a_known_position_numbers_as_text_to_image():
+    """A custom loop passing Python numbers: the first call is taken as position 0 (as before)."""
+    scheduler = _plms_scheduler(6)
+    dispatcher = StepDispatcher(UniformSchedule(2))
+    assert _pattern(dispatcher, scheduler, [int(t) for t in scheduler.timesteps]) == "RcccRcR"
+    dispatcher.rearm()  # the position of one call does not leak into the next
+    assert _pattern(dispatcher, scheduler, scheduler.timesteps[2:]) == "RRcRc"  # numbers 0,2,3,4,5
+    dispatcher.rearm()
+    assert _pattern(dispatcher, scheduler, [int(t) for t in scheduler.timesteps]) == "RcccRcR"
+
+
+def test_locate_reads_only_the_first_call_of_a_pipeline_call():
+    scheduler = _plms_scheduler(6)
+    dispatcher = StepDispatcher(UniformSchedule(2))
+    dispatcher.locate(scheduler, scheduler.timesteps[2])
+    dispatcher.next_call(scheduler, "k")
+    dispatcher.locate(scheduler, scheduler.timesteps[0])  # ignored: not the first call
+    assert dispatcher.peek(scheduler, "k") is True  # numbers 0, 2: the second call refreshes

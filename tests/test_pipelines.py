@@ -174,3 +174,106 @@ def test_callback_that_edits_latents(any_pipe):
         return {"latents": tensors["latents"] * 0.98}
 
     _check(any_pipe, callback_on_step_end=damp, callback_on_step_end_tensor_inputs=["latents"])
+
+
+# -- PNDM (SD 1.x's default scheduler) in img2img and inpaint pipelines ------------------------------
+# PNDM in PLMS mode has the timesteps [t0, t1, t1, t2, ...]; an img2img call with strength < 1 runs
+# them from position t_start on, and DeepCache numbers each call ``timesteps.index(t)`` in that full
+# list, counted from the first call's number. So the repeat takes the step number of the call
+# before it only when it is in the slice: t_start 0 numbers the calls 0,1,1,3,4,..., t_start 1
+# 0,0,2,3,..., t_start 2 0,2,3,4,... and t_start >= 3 0,1,2,3,...
+PNDM_PIPELINES = {
+    "sd-img2img": lambda: (tiny_sd_pipeline(pipeline_class=StableDiffusionImg2ImgPipeline), dict(image=IMAGE)),
+    "sd-inpaint-9ch": lambda: (tiny_sd_pipeline(pipeline_class=StableDiffusionInpaintPipeline, in_channels=9),
+                               dict(image=IMAGE, mask_image=MASK)),
+    "sd-inpaint-4ch": lambda: (tiny_sd_pipeline(pipeline_class=StableDiffusionInpaintPipeline),
+                               dict(image=IMAGE, mask_image=MASK)),
+    "sdxl-img2img": lambda: (tiny_sdxl_pipeline(pipeline_class=StableDiffusionXLImg2ImgPipeline), dict(image=IMAGE)),
+}
+# (steps, strength, interval): t_start 7, 5, 2, 1, 0 at 10 steps and 3 at 5, at intervals that tell
+# every numbering above apart (2: is call 2 a refresh; 3: is call 2 or 3 one). 10 steps, 0.8,
+# interval 3 is the issue's case (test below). The other pipelines share get_timesteps: a subset.
+PNDM_CASES = [(10, 0.3, 2), (10, 0.5, 3), (10, 0.8, 2), (10, 0.9, 2), (10, 0.9, 3), (10, 1.0, 2), (5, 0.5, 2)]
+PNDM_SUBSET = [(10, 0.5, 2), (10, 0.8, 3), (10, 0.9, 2)]
+
+
+def _with_pndm(pipe):
+    from diffusers import PNDMScheduler
+
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)  # as SD 1.5 ships it
+    return pipe
+
+
+def deepcache_steps_and_latents(pipe, interval, **call):
+    """DeepCache's latents and its step number for each U-Net call (its ``cur_timestep``, read
+    after the call, counted from the first call's), from the unmodified 0.1.1 helper."""
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.enable()
+    numbers = []
+    helper_forward = pipe.unet.forward
+
+    def recording_forward(*args, **kwargs):
+        result = helper_forward(*args, **kwargs)
+        numbers.append(helper.cur_timestep)
+        return result
+
+    pipe.unet.forward = recording_forward
+    try:
+        result = latents(pipe, **call)
+    finally:
+        pipe.unet.forward = helper_forward
+        helper.disable()
+    return result, [number - numbers[0] for number in numbers]
+
+
+@pytest.mark.covers("PNDMScheduler", "= DeepCache")
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.covers(PIPELINE_ROWS[name], "= DeepCache")) for name in sorted(PNDM_PIPELINES)
+])
+def test_pndm_img2img_refreshes_at_deepcache_steps(name):
+    """At every strength (t_start 0, 1, 2 and beyond), fastcache refreshes at DeepCache's steps
+    and gives its latents (eager split, <= 1e-5; both exact in practice)."""
+    pipe, call = PNDM_PIPELINES[name]()
+    _with_pndm(pipe)
+    for steps, strength, interval in PNDM_CASES if name == "sd-img2img" else PNDM_SUBSET:
+        where = f"{steps} steps, strength {strength}, interval {interval}"
+        expected, numbers = deepcache_steps_and_latents(pipe, interval, steps=steps, strength=strength, **call)
+        with accelerated(pipe, cache_interval=interval, compile=False) as handle:
+            actual = latents(pipe, steps=steps, strength=strength, **call)
+        assert handle.stats.last_call == [number % interval == 0 for number in numbers], where
+        assert max_diff(actual, expected) <= 1e-5, where
+
+
+def test_pndm_img2img_at_strength_0_8_refreshes_as_the_issue_measured():
+    """The issue's case: 10 steps, strength 0.8 (t_start 2), interval 3: DeepCache refreshes at
+    calls 0, 2, 5, 8 (numbers 0,2,3,...,9), not 0, 3, 6 as counting calls gives."""
+    pipe, call = PNDM_PIPELINES["sd-img2img"]()
+    _with_pndm(pipe)
+    expected, numbers = deepcache_steps_and_latents(pipe, 3, steps=10, strength=0.8, **call)
+    assert numbers == [0, 2, 3, 4, 5, 6, 7, 8, 9]
+    with accelerated(pipe, cache_interval=3, compile=False) as handle:
+        actual = latents(pipe, steps=10, strength=0.8, **call)
+    assert "".join("R" if refresh else "c" for refresh in handle.stats.last_call) == "RcRccRccR"
+    assert max_diff(actual, expected) <= 1e-5
+    assert max_diff(actual, latents(pipe, steps=10, strength=0.8, **call)) > 1e-3, "caching must change the output"
+
+
+@pytest.mark.covers("StableDiffusionImg2ImgPipeline", "= DeepCache")
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_first_order_img2img_numbers_steps_by_call_as_deepcache(scheduler):
+    """Schedulers without a repeated timestep: DeepCache's numbers are the call indices at every
+    t_start (here 1 and 2, where PNDM differs), and fastcache matches them."""
+    import diffusers
+
+    pipe, call = PNDM_PIPELINES["sd-img2img"]()
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    for strength, interval in ((0.9, 2), (0.8, 3)):  # t_start 1 and 2 at 6 steps
+        expected, numbers = deepcache_steps_and_latents(pipe, interval, steps=6, strength=strength, **call)
+        assert numbers == list(range(len(numbers)))
+        with accelerated(pipe, cache_interval=interval, compile=False) as handle:
+            actual = latents(pipe, steps=6, strength=strength, **call)
+        assert handle.stats.last_call == [number % interval == 0 for number in numbers], strength
+        assert max_diff(actual, expected) <= 1e-5, strength
