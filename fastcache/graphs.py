@@ -14,6 +14,13 @@ survive other replays, the kept buffer of a shape, from its refresh to its cache
 dispatcher runs a cached step only at the shape of the last refresh (dispatch.py), so no other
 shape's graph replays in between. Every other output is cloned right after its replay.
 
+Runs before a capture: each function runs `WARMUP_RUNS` times first, then is captured (on CUDA on
+a side stream; under emulation the same warm-ups run, then the recording run). Those runs must
+leave the graph inputs as they found them, because a function may write into its inputs: FreeU
+scales the kept features in place on every cached step at a branch in the two deepest up blocks
+(eager and DeepCache do too, so every cached step scales them once more, and replays must as
+well). The inputs are therefore saved before the warm-ups and put back after the capture.
+
 ``emulate=True`` keeps all of this but replaces ``torch.cuda.CUDAGraph``, so that the buffer
 plumbing is testable on a CPU. An eager split is *recorded* at capture (recording.py: the aten ops
 it ran, every tensor it read by reference, every Python value it read baked in as a constant) and
@@ -26,7 +33,7 @@ dynamo's guards then recompile where a CUDA Graph would be stale.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -35,8 +42,8 @@ from .recording import Recording
 from .runtime import CompiledFunctions, MemoryReport, Runner, StepInputs, not_warmed_error, tensor_bytes
 from .unet_split import UNetSplit
 
-# Runs of each function on a side stream before capture: the first compiles and autotunes, the
-# second lets lazy initialisation (cuDNN/cuBLAS handles, allocator growth) settle outside the graph.
+# Runs of each function before capture: the first compiles and autotunes, the second lets lazy
+# initialisation (cuDNN/cuBLAS handles, allocator growth) settle outside the graph.
 WARMUP_RUNS = 2
 
 
@@ -171,7 +178,15 @@ class GraphRunner(Runner):
             return self.compiled.call(which, key, True, *args)
         return getattr(self.split, which)(*args)
 
-    def _capture(self, function: Callable[[], Any]) -> CapturedFunction:
+    def _capture(self, function: Callable[[], Any], inputs: Sequence[Tensor]) -> CapturedFunction:
+        """Warm up `function`, then capture it.
+
+        `inputs` (every tensor the function reads that outlives the capture: static buffers, the
+        kept features) are saved first and put back last: the warm-ups and an emulated capture
+        run the function, and a function that writes into its inputs (FreeU into the kept
+        features) must find them, at its first replay, as the eager split would.
+        """
+        saved = [tensor.clone() for tensor in inputs]
         if not self.emulate:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -184,8 +199,13 @@ class GraphRunner(Runner):
                 for _ in range(WARMUP_RUNS):
                     function()
             torch.cuda.current_stream().wait_stream(stream)
+        else:
+            for _ in range(WARMUP_RUNS):
+                function()
         emulation = None if not self.emulate else ("rerun" if self.compiled is not None else "record")
         captured = CapturedFunction(function, self._pool, emulation)
+        for tensor, value in zip(inputs, saved):
+            tensor.copy_(value)
         self.captures += 1
         return captured
 
@@ -196,10 +216,16 @@ class GraphRunner(Runner):
     def _capture_full(self, key: Hashable, inputs: StepInputs) -> ShapeGraphs:
         self._check_new(key, "full")
         graphs = ShapeGraphs(inputs)
-        graphs.full = self._capture(lambda: self._run("full", key, *graphs.static.args()))
+        graphs.full = self._capture(
+            lambda: self._run("full", key, *graphs.static.args()), list(graphs.static_tensors.values())
+        )
         self._shapes[key] = graphs
         return graphs
 
     def _capture_shallow(self, key: Hashable, graphs: ShapeGraphs) -> None:
         self._check_new(key, "shallow")
-        graphs.shallow = self._capture(lambda: self._run("shallow", key, *graphs.static.args(), graphs.kept))
+        kept = graphs.kept
+        graphs.shallow = self._capture(
+            lambda: self._run("shallow", key, *graphs.static.args(), kept),
+            [*graphs.static_tensors.values(), kept],
+        )
