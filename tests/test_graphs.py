@@ -19,11 +19,12 @@ import pytest
 import torch
 
 import fastcache
+from fastcache.errors import InvalidConfigError
 from fastcache.graphs import graph_pool_bytes
-from fastcache.runtime import MemoryReport
+from fastcache.runtime import MemoryReport, compile_kwargs
 from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-from .helpers import accelerated, assert_close_relative, deepcache_latents, latents, max_diff
+from .helpers import accelerated, assert_close_relative, assert_untouched, deepcache_latents, latents, max_diff
 
 
 @pytest.mark.covers(check="emulated CUDA Graphs")
@@ -211,6 +212,33 @@ def test_strict_serving_warmed_at_start_never_captures_while_serving(sd_pipe):
         assert captures == 2 and handle._runner.captures == captures, "a capture while serving"
     for seed, (result, reference) in enumerate(zip(actual, expected)):
         assert torch.equal(result, reference), f"seed {seed}"
+
+
+# -- inductor's own CUDA Graphs ------------------------------------------------------------------
+@pytest.mark.parametrize("options", [{"triton.cudagraphs": True}, {"cudagraph_policy": object()}],
+                         ids=["triton.cudagraphs", "cudagraph_policy"])
+def test_options_that_turn_on_inductors_cuda_graphs_are_refused(sd_pipe, options):
+    with pytest.raises(InvalidConfigError, match="inductor's own CUDA Graphs"):
+        fastcache.accelerate(sd_pipe, compile_options=options)
+    assert_untouched(sd_pipe)
+    fastcache.accelerate(sd_pipe, compile_options={"triton.cudagraphs": False}).disable()  # what fastcache sets anyway
+
+
+def test_inductor_compiles_without_its_cuda_graphs_whatever_the_environment():
+    """TORCHINDUCTOR_CUDAGRAPHS=1 turns inductor's CUDA Graphs on by default (simulated here by
+    patching the config): fastcache's torch.compile arguments turn them off, with a mode too
+    (passed as the mode's options, since torch.compile takes one or the other)."""
+    import torch._inductor.config as inductor_config
+
+    autotune = {"max_autotune": True, "coordinate_descent_tuning": True}
+    with inductor_config.patch({"triton.cudagraphs": True}):
+        for mode, expected in ((None, {}), ("default", {}), ("max-autotune-no-cudagraphs", autotune)):
+            kwargs = compile_kwargs("inductor", mode, {"conv_1x1_as_mm": True})
+            assert "mode" not in kwargs, mode
+            wrapper = torch._TorchCompileInductorWrapper(None, kwargs["options"], False)
+            assert wrapper.config == {**expected, "conv_1x1_as_mm": True, "triton.cudagraphs": False}, mode
+            torch.compile(lambda x: x + 1, **kwargs)  # torch accepts the arguments (compiles on first call)
+    assert compile_kwargs("aot_eager") == dict(fullgraph=True, dynamic=False, backend="aot_eager")
 
 
 # -- CUDA --------------------------------------------------------------------------------------
@@ -548,6 +576,22 @@ def test_cuda_capture_while_another_thread_works_on_the_gpu(cuda_pipe):
         stop.set()
         worker.join()
     assert not errors, f"the other thread failed: {errors[0]!r}"
+    assert_equal_steps(actual, expected)
+
+
+@cuda
+@pytest.mark.covers("StableDiffusionPipeline", "CUDA Graphs", cuda_only=True)
+def test_cuda_graphs_with_inductors_own_cuda_graphs_on_by_default(cuda_pipe):
+    """TORCHINDUCTOR_CUDAGRAPHS=1 (simulated by patching its config default) must not nest
+    inductor's captures inside fastcache's."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"triton.cudagraphs": True}):
+        with accelerated(cuda_pipe, cache_interval=3, cuda_graphs=False):
+            expected = noise_per_step(cuda_pipe)
+        with accelerated(cuda_pipe, cache_interval=3) as handle:
+            actual = noise_per_step(cuda_pipe)
+            assert handle._runner.captures == 2
     assert_equal_steps(actual, expected)
 
 
