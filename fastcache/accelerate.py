@@ -557,7 +557,7 @@ class FastCache:
             refresh = self._dispatcher.next_call(calling.scheduler, key)
             if self._controlnet_reuse is not None:  # stores (or, as a safety net, recomputes) its residuals
                 inputs = self._controlnet_reuse.unet_call(refresh, key, inputs)
-            lora_scale = float((cross_attention_kwargs or {}).get("scale", 1.0))
+            lora_scale = (cross_attention_kwargs or {}).get("scale", 1.0)  # a number or a tensor (lora.py)
             with self._lora.applied(lora_scale):
                 noise = self._run(refresh, key, inputs)
         self._seen_keys.add(key)  # served (a shape refused in strict mode is not "seen")

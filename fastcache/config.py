@@ -89,6 +89,15 @@ class FastCacheConfig:
             raise InvalidConfigError(
                 f"compile_mode must be None, 'default' or 'max-autotune-no-cudagraphs', got {self.compile_mode!r}"
             )
+        # Inductor options that capture CUDA Graphs inside fastcache's (compile_kwargs turns them off).
+        cudagraphs = sorted(name for name, value in self.compile_options
+                            if name in ("triton.cudagraphs", "cudagraph_policy") and value)
+        if cudagraphs:
+            raise InvalidConfigError(
+                f"compile_options {cudagraphs} turn on inductor's own CUDA Graphs, which would capture inside "
+                "fastcache's (and keep outputs the next step overwrites); leave them out: fastcache captures "
+                "the U-Net's graphs itself, or runs without graphs with cuda_graphs=False"
+            )
         if self.compile_options and self.compile_backend == "inductor":
             import torch._inductor.config as inductor_config
 

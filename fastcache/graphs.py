@@ -4,9 +4,9 @@ For each shape key: static input buffers (cloned from the first call), the full 
 outputs are the noise buffer and the *kept* buffer, both allocated once at capture), and the
 shallow graph, captured reading that same kept buffer. A refresh replay rewrites the kept buffer in
 place, so a cached replay reads the features of the latest refresh with no copy. Every graph of
-every shape shares one memory pool, and every warm-up before a capture runs on one side stream.
-Replay is: copy inputs into the static buffers, replay, return a clone of the output (the clone
-belongs to the caller; the static buffer is overwritten by the next replay).
+every shape shares one memory pool. Replay is: copy inputs into the static buffers, replay, return
+a clone of the output (the clone belongs to the caller; the static buffer is overwritten by the
+next replay).
 
 Why one pool is safe: a graph captured later may place its outputs in blocks that an earlier
 graph used for temporaries, so replaying the earlier graph overwrites them. Only one output must
@@ -14,19 +14,53 @@ survive other replays, the kept buffer of a shape, from its refresh to its cache
 dispatcher runs a cached step only at the shape of the last refresh (dispatch.py), so no other
 shape's graph replays in between. Every other output is cloned right after its replay.
 
-``emulate=True`` keeps all of this but replaces ``torch.cuda.CUDAGraph``, so that the buffer
-plumbing is testable on a CPU. An eager split is *recorded* at capture (recording.py: the aten ops
-it ran, every tensor it read by reference, every Python value it read baked in as a constant) and
-replays run that recording into the same output tensors: like a CUDA Graph, a replay sees new
-values in the tensors it read at capture and nothing else, so a setting read from a Python
-attribute and changed later (FreeU's factors, say) gives stale results here too, not only on a
-GPU. A compiled split is re-run instead (its generated code runs below the recorder's reach);
+Devices and streams. Everything runs under ``torch.cuda.device(<the U-Net's device>)`` on streams
+made there: a U-Net on ``cuda:1`` while ``cuda:0`` is current would otherwise be captured from
+``cuda:0``'s stream, an empty graph whose replays return the capture-time output. The runner owns
+two streams on that device. Warm-ups and captures run on the *side* stream (one stream for every
+capture, as torch asks of captures sharing a pool). Input copies and replays run on the *replay*
+stream, which first waits for the caller's current stream; the caller's stream then waits for it,
+and the output is cloned on the caller's stream, after which the replay stream waits for that
+clone. So calls from threads that each run under their own ``torch.cuda.stream`` are ordered on
+the GPU, not only on the host (the handle's call lock), and no step waits for the GPU.
+
+Runs before a capture: each function runs `WARMUP_RUNS` times first (on the side stream), then is
+captured; under emulation the same warm-ups run, then the recording run. Those runs must leave the
+graph inputs as they found them, because a function may write into its inputs: FreeU scales the
+kept features in place on every cached step at a branch in the two deepest up blocks (eager and
+DeepCache do too, so every cached step scales them once more, and replays must as well). The
+inputs are therefore saved before the warm-ups and put back after the capture.
+
+Captures in a threaded process. Captures take a process-wide lock (`CAPTURE_LOCK`), so two
+fastcache handles never capture at once, and use ``capture_error_mode="thread_local"``, so that
+another thread's allocations or syncs neither fail nor break the capture. Other threads' own CUDA
+work can still slow a capture, and any capture makes the capturing call wait for the GPU
+(``torch.cuda.graph`` synchronises): a threaded server should warm up every shape at start and run
+with ``strict=True``, so that no capture ever happens while serving (strict raises on an unwarmed
+shape instead).
+
+cuBLAS workspaces: cuBLAS keeps one workspace per (handle, stream), allocated on first use. The
+warm-ups create one for the side stream in the ordinary pool; the capture would reuse it (a graph
+reading memory that is not its pool's) or create one inside the pool that outlives the graphs
+(so `release` could never free the pool, and `memory` would count it for ever). As inductor's
+cudagraph trees do, the workspaces are cleared before and after each capture: the capture gets a
+workspace of its own in the pool, which after it is one more temporary of that graph.
+
+``emulate=True`` keeps all of this but replaces ``torch.cuda.CUDAGraph`` and the streams, so that
+the buffer plumbing is testable on a CPU. An eager split is *recorded* at capture (recording.py:
+the aten ops it ran, every tensor it read by reference, every Python value it read baked in as a
+constant) and replays run that recording into the same output tensors: like a CUDA Graph, a replay
+sees new values in the tensors it read at capture and nothing else, so a setting read from a
+Python attribute and changed later (FreeU's factors, say) gives stale results here too, not only
+on a GPU. A compiled split is re-run instead (its generated code runs below the recorder's reach);
 dynamo's guards then recompile where a CUDA Graph would be stale.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable
+import contextlib
+import threading
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -35,9 +69,12 @@ from .recording import Recording
 from .runtime import CompiledFunctions, MemoryReport, Runner, StepInputs, not_warmed_error, tensor_bytes
 from .unet_split import UNetSplit
 
-# Runs of each function on a side stream before capture: the first compiles and autotunes, the
-# second lets lazy initialisation (cuDNN/cuBLAS handles, allocator growth) settle outside the graph.
+# Runs of each function before capture: the first compiles and autotunes, the second lets lazy
+# initialisation (cuDNN/cuBLAS handles, allocator growth) settle outside the graph.
 WARMUP_RUNS = 2
+
+# Held for every warm-up + capture in the process (see the module docstring).
+CAPTURE_LOCK = threading.Lock()
 
 
 def _as_tuple(value: Any) -> tuple[Tensor, ...]:
@@ -49,11 +86,31 @@ def graph_pool_bytes(segments: list[dict[str, Any]], pool: Any) -> int:
     return sum(int(segment["total_size"]) for segment in segments if tuple(segment["segment_pool_id"]) == tuple(pool))
 
 
+def clear_cublas_workspaces() -> None:
+    """Free every cuBLAS and cuBLASLt workspace (all handles and streams; they are made again on
+    next use). A no-op on builds without CUDA."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+
+
+@contextlib.contextmanager
+def cublas_workspaces_cleared() -> Iterator[None]:
+    """Around a capture: it allocates its own workspace in its pool, and no workspace map entry
+    keeps a block of the pool alive after it (what inductor's ``clear_cublas_manager`` does)."""
+    clear_cublas_workspaces()
+    try:
+        yield
+    finally:
+        clear_cublas_workspaces()
+
+
 class CapturedFunction:
     """A zero-argument function captured once; `replay` writes into the same `outputs`.
 
-    `emulate`: None captures a CUDA Graph; "record" records the function's aten ops and replays
-    the recording (recording.py); "rerun" replays by calling the function again.
+    `emulate`: None captures a CUDA Graph on the current device and stream (the caller chooses
+    them); "record" records the function's aten ops and replays the recording (recording.py);
+    "rerun" replays by calling the function again.
     """
 
     def __init__(self, function: Callable[[], Any], pool: Any, emulate: str | None) -> None:
@@ -68,7 +125,10 @@ class CapturedFunction:
             self.outputs = function()
         else:
             self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph, pool=pool):
+            stream = torch.cuda.current_stream()
+            with cublas_workspaces_cleared(), torch.cuda.graph(
+                self._graph, pool=pool, stream=stream, capture_error_mode="thread_local"
+            ):
                 self.outputs = function()
 
     def replay(self) -> None:
@@ -78,6 +138,66 @@ class CapturedFunction:
         assert self._replay_function is not None
         for static, fresh in zip(_as_tuple(self.outputs), _as_tuple(self._replay_function())):
             static.copy_(fresh)
+
+
+class DeviceStreams:
+    """The U-Net's device and the two streams a GraphRunner owns there (module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        with torch.cuda.device(device):
+            self.replay = torch.cuda.Stream(device)
+            self.side = torch.cuda.Stream(device)
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """The body runs on the replay stream, on the U-Net's device, after everything the
+        caller's stream has queued; the caller's stream then waits for it. No host sync."""
+        with torch.cuda.device(self.device):
+            caller = torch.cuda.current_stream(self.device)
+            self.replay.wait_stream(caller)
+            try:
+                with torch.cuda.stream(self.replay):
+                    yield
+            finally:
+                caller.wait_stream(self.replay)
+
+    @contextlib.contextmanager
+    def on_side(self) -> Iterator[None]:
+        """Warm-ups and capture: on the side stream, ordered after and before the current one."""
+        current = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(current)
+        try:
+            with torch.cuda.stream(self.side):
+                yield
+        finally:
+            current.wait_stream(self.side)
+
+    def hand_back(self, output: Tensor) -> Tensor:
+        """A copy of a static output for the caller, made on the caller's stream (which waited for
+        the replay) so the caller's allocator pool owns it; the next replay, whichever stream
+        calls it, waits until the copy is made."""
+        with torch.cuda.device(self.device):
+            copy = output.clone()
+            self.replay.wait_stream(torch.cuda.current_stream(self.device))
+        return copy
+
+
+class HostStreams:
+    """Emulated graphs: the host runs everything in order, so there is nothing to order."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def replaying(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def on_side(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def hand_back(output: Tensor) -> Tensor:
+        return output.clone()
 
 
 class ShapeGraphs:
@@ -114,7 +234,7 @@ class GraphRunner(Runner):
         self.captures = 0
         self._shapes: dict[Hashable, ShapeGraphs] = {}
         self._pool: Any = None  # one graph memory pool for every capture (CUDA only)
-        self._side_stream: Any = None  # one stream for every pre-capture warm-up (CUDA only)
+        self._streams: DeviceStreams | HostStreams | None = None  # made at the first call
 
     # -- Runner interface ------------------------------------------------------------------------
     def is_prepared(self, key: Hashable, refresh: bool) -> bool:
@@ -122,27 +242,37 @@ class GraphRunner(Runner):
         return graphs is not None and (graphs.full if refresh else graphs.shallow) is not None
 
     def refresh(self, key: Hashable, inputs: StepInputs) -> Tensor:
-        graphs = self._shapes.get(key)
-        if graphs is None:
-            graphs = self._capture_full(key, inputs)
-        graphs.load(inputs)
-        assert graphs.full is not None
-        graphs.full.replay()
-        return graphs.full.outputs[0].clone()
+        streams = self._streams_on(inputs.sample.device)
+        with streams.replaying():
+            graphs = self._shapes.get(key)
+            if graphs is None:
+                graphs = self._capture_full(key, inputs)
+            graphs.load(inputs)
+            assert graphs.full is not None
+            graphs.full.replay()
+        return streams.hand_back(graphs.full.outputs[0])
 
     def cached(self, key: Hashable, inputs: StepInputs) -> Tensor:
-        graphs = self._shapes[key]  # the dispatcher refreshed this key earlier in the call
-        if graphs.shallow is None:
-            self._capture_shallow(key, graphs)
-        graphs.load(inputs)
-        assert graphs.shallow is not None
-        graphs.shallow.replay()
-        return graphs.shallow.outputs.clone()
+        streams = self._streams_on(inputs.sample.device)
+        with streams.replaying():
+            graphs = self._shapes[key]  # the dispatcher refreshed this key earlier in the call
+            if graphs.shallow is None:
+                self._capture_shallow(key, graphs)
+            graphs.load(inputs)
+            assert graphs.shallow is not None
+            graphs.shallow.replay()
+        return streams.hand_back(graphs.shallow.outputs)
 
     def release(self) -> None:
+        """Drop every graph and buffer; on CUDA, hand the pool's segments back to the driver now
+        (they are free once the graphs are gone, but stay reserved until the cache is emptied)."""
+        had_pool = self._pool is not None
         self._shapes.clear()
         self._pool = None
-        self._side_stream = None
+        self._streams = None
+        if had_pool:
+            with CAPTURE_LOCK:  # torch refuses to empty the cache while a capture is under way
+                torch.cuda.empty_cache()
 
     def memory(self) -> MemoryReport:
         """Static buffers of every shape, and on CUDA the graph pool's segments. The graphs'
@@ -166,26 +296,37 @@ class GraphRunner(Runner):
         return self.compiled.count if self.compiled is not None else 0
 
     # -- capture ---------------------------------------------------------------------------------
+    def _streams_on(self, device: torch.device) -> DeviceStreams | HostStreams:
+        if self._streams is None:
+            self._streams = HostStreams(device) if self.emulate else DeviceStreams(device)
+        assert self._streams.device == device, "a runner serves one device (accelerate rebuilds it on a move)"
+        return self._streams
+
     def _run(self, which: str, key: Hashable, *args: Any) -> Any:
         if self.compiled is not None:
             return self.compiled.call(which, key, True, *args)
         return getattr(self.split, which)(*args)
 
-    def _capture(self, function: Callable[[], Any]) -> CapturedFunction:
-        if not self.emulate:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-                # One side stream: the allocator caches blocks per stream, so a new stream per
-                # capture would strand each warm-up's blocks on a stream nothing uses again.
-                self._side_stream = torch.cuda.Stream()
-            stream = self._side_stream
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
+    def _capture(self, function: Callable[[], Any], inputs: Sequence[Tensor]) -> CapturedFunction:
+        """Warm up `function`, then capture it, under the process-wide lock, on the side stream.
+
+        `inputs` (every tensor the function reads that outlives the capture: static buffers, the
+        kept features) are saved first and put back last: the warm-ups and an emulated capture
+        run the function, and a function that writes into its inputs (FreeU into the kept
+        features) must find them, at its first replay, as the eager split would.
+        """
+        assert self._streams is not None
+        emulation = None if not self.emulate else ("rerun" if self.compiled is not None else "record")
+        with CAPTURE_LOCK:
+            saved = [tensor.clone() for tensor in inputs]
+            with self._streams.on_side():
                 for _ in range(WARMUP_RUNS):
                     function()
-            torch.cuda.current_stream().wait_stream(stream)
-        emulation = None if not self.emulate else ("rerun" if self.compiled is not None else "record")
-        captured = CapturedFunction(function, self._pool, emulation)
+                if not self.emulate and self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                captured = CapturedFunction(function, self._pool, emulation)
+            for tensor, value in zip(inputs, saved):
+                tensor.copy_(value)
         self.captures += 1
         return captured
 
@@ -196,10 +337,16 @@ class GraphRunner(Runner):
     def _capture_full(self, key: Hashable, inputs: StepInputs) -> ShapeGraphs:
         self._check_new(key, "full")
         graphs = ShapeGraphs(inputs)
-        graphs.full = self._capture(lambda: self._run("full", key, *graphs.static.args()))
+        graphs.full = self._capture(
+            lambda: self._run("full", key, *graphs.static.args()), list(graphs.static_tensors.values())
+        )
         self._shapes[key] = graphs
         return graphs
 
     def _capture_shallow(self, key: Hashable, graphs: ShapeGraphs) -> None:
         self._check_new(key, "shallow")
-        graphs.shallow = self._capture(lambda: self._run("shallow", key, *graphs.static.args(), graphs.kept))
+        kept = graphs.kept
+        graphs.shallow = self._capture(
+            lambda: self._run("shallow", key, *graphs.static.args(), kept),
+            [*graphs.static_tensors.values(), kept],
+        )

@@ -91,6 +91,12 @@ class LoraScales:
 
     Built again whenever `model_fingerprint` changes, so its list of (layer, adapter) entries is
     always the model's current one.
+
+    A scale is a Python number, or a tensor: PEFT's ``prepare_model_for_compiled_hotswap`` keeps
+    each adapter's scale as a device tensor (so that hot-swapping does not recompile), and a
+    call's ``cross_attention_kwargs["scale"]`` may be one. A tensor on the buffer's device is
+    copied on the device, never read on the host (that would wait for the GPU at every U-Net
+    call); one on the CPU for a GPU buffer is read on the host, which costs no sync.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
@@ -98,28 +104,34 @@ class LoraScales:
         self.entries = [(layer, adapter) for layer in self.layers for adapter in layer.scaling]
         with torch.inference_mode(False):  # written at every run, in or out of inference mode
             self.buffer = torch.zeros(len(self.entries), dtype=torch.float32, device=device)
+            # PEFT's own scales, before the call's scale multiplies them (device-tensor scales only)
+            self._base = torch.zeros(len(self.entries), dtype=torch.float32, device=device)
         self._views = list(self.buffer.unbind(0))
+        self._base_views = list(self._base.unbind(0))
         self._uploaded: tuple[float, ...] | None = None
+        self._base_uploaded: tuple[float, ...] | None = None
+        # CUDA: recorded on the caller's stream after each run, which read the buffer; the next
+        # run's writes wait for it, whichever stream they are queued on.
+        self._last_run: Any = None
 
     def __len__(self) -> int:
         return len(self.entries)
 
     @contextlib.contextmanager
-    def applied(self, lora_scale: float = 1.0) -> Iterator[None]:
+    def applied(self, lora_scale: float | torch.Tensor = 1.0) -> Iterator[None]:
         """PEFT's scales times `lora_scale` (``cross_attention_kwargs["scale"]``) in the buffer,
         and the buffer's views in PEFT's dicts, for the duration of one U-Net run.
 
-        The upload is one asynchronous host-to-device copy, done only when a value changed since
-        the last run: it never waits for the GPU.
+        With scales that are host values the upload is one asynchronous host-to-device copy, done
+        only when a value changed since the last run; device-tensor scales are copied and
+        multiplied on the device at every run. Neither waits for the GPU.
         """
         if not self.entries:
             yield
             return
         own = [layer.scaling[adapter] for layer, adapter in self.entries]
-        values = tuple(float(value) * lora_scale for value in own)
-        if values != self._uploaded:
-            self.buffer.copy_(host_tensor(values, self.buffer.device), non_blocking=True)
-            self._uploaded = values
+        self._wait_for_last_run()
+        self._write(own, lora_scale)
         for (layer, adapter), view in zip(self.entries, self._views):
             layer.scaling[adapter] = view
         try:
@@ -127,9 +139,47 @@ class LoraScales:
         finally:
             for (layer, adapter), value in zip(self.entries, own):
                 layer.scaling[adapter] = value
-        if lora_scale == 0:
+            self._record_run()
+        if self._on_host(lora_scale) and float(lora_scale) == 0:
             # diffusers' unscale_lora_layers(model, 0) resets active adapters to their initial
-            # scale after a scale-0 call; an accelerated pipeline behaves as the plain one.
+            # scale after a scale-0 call; an accelerated pipeline behaves as the plain one. (Not
+            # for a device-tensor scale: telling 0 apart would wait for the GPU.)
             for layer in self.layers:
                 for adapter in layer.active_adapters:
                     layer.set_scale(adapter, 1.0)
+
+    def _on_host(self, value: Any) -> bool:
+        """Whether `value` is read on the host: a number, or a CPU tensor for a GPU buffer."""
+        return not torch.is_tensor(value) or (value.device.type == "cpu" and self.buffer.device.type != "cpu")
+
+    def _write(self, own: list[Any], lora_scale: float | torch.Tensor) -> None:
+        on_device = [index for index, value in enumerate(own) if not self._on_host(value)]
+        if not on_device and self._on_host(lora_scale):
+            scale = float(lora_scale)
+            values = tuple(float(value) * scale for value in own)
+            if values != self._uploaded:
+                self.buffer.copy_(host_tensor(values, self.buffer.device), non_blocking=True)
+                self._uploaded = values
+            return
+        # Host values go into `_base` as above; device tensors are copied in on the device (one
+        # fused copy), and the call's scale multiplies them all into the buffer.
+        host = tuple(0.0 if index in on_device else float(value) for index, value in enumerate(own))
+        if host != self._base_uploaded:
+            self._base.copy_(host_tensor(host, self._base.device), non_blocking=True)
+            self._base_uploaded = host
+        if on_device:
+            torch._foreach_copy_([self._base_views[index] for index in on_device], [own[index] for index in on_device])
+        scale = float(lora_scale) if self._on_host(lora_scale) else lora_scale
+        torch.mul(self._base, scale, out=self.buffer)
+        self._uploaded = None  # the buffer no longer holds the last host upload
+
+    def _wait_for_last_run(self) -> None:
+        if self._last_run is not None:
+            torch.cuda.current_stream(self.buffer.device).wait_event(self._last_run)
+
+    def _record_run(self) -> None:
+        if self.buffer.device.type != "cuda":
+            return
+        if self._last_run is None:
+            self._last_run = torch.cuda.Event()
+        self._last_run.record(torch.cuda.current_stream(self.buffer.device))

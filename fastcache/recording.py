@@ -12,6 +12,10 @@ Used by ``emulate_graphs=True`` (graphs.py) for eager splits. Like a CUDA Graph,
 It records below autograd and composite ops (a ``TorchDispatchMode``), at a few microseconds per
 op: torch's own ``make_fx`` records the same ops but builds fake tensors and stack traces for
 each, 50 times slower than running the split.
+
+It also notes which tensors from before the capture the function wrote into (`written_inputs`):
+a captured graph that writes into its inputs changes them at every replay, which its caller must
+allow for (FreeU scales the kept features in place; see graphs.py).
 """
 
 from __future__ import annotations
@@ -37,14 +41,35 @@ class _Recorder(TorchDispatchMode):
         self.tape: list[tuple[Any, Any, Any, list[int]]] = []  # (op, args, kwargs, output indices)
         self.index_of: dict[int, int] = {}  # id() of each tensor made during the capture
         self.made: list[Tensor] = []  # those tensors, kept alive so that their ids stay unique
+        # Storages of the tensors from before the capture that ops read, by data pointer (a view
+        # made during the capture shares its base's storage), and those an op wrote into.
+        self.input_storages: dict[int, Tensor] = {}
+        self.written: dict[int, Tensor] = {}
 
     def encode(self, value: Any) -> Any:
         if isinstance(value, Tensor) and id(value) in self.index_of:
             return _Made(self.index_of[id(value)])
         return value  # a tensor from before the capture (by reference) or a Python value (a constant)
 
+    def note_inputs(self, func: Any, args: Any, kwargs: Any) -> None:
+        """Remember the storages of tensors from before the capture, and writes into them."""
+        for leaf in tree_leaves((args, kwargs)):
+            if isinstance(leaf, Tensor) and id(leaf) not in self.index_of:
+                pointer = leaf.untyped_storage().data_ptr()
+                if pointer:
+                    self.input_storages.setdefault(pointer, leaf)
+        schema = func._schema
+        named = dict(zip((argument.name for argument in schema.arguments), args), **kwargs)
+        for argument in schema.arguments:
+            value = named.get(argument.name)
+            if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, Tensor):
+                pointer = value.untyped_storage().data_ptr()
+                if pointer in self.input_storages:
+                    self.written.setdefault(pointer, self.input_storages[pointer])
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        self.note_inputs(func, args, kwargs)
         # Encoded before the outputs are numbered: an in-place op returns its own input.
         entry = (func, tree_map(self.encode, args), tree_map(self.encode, kwargs))
         result = func(*args, **kwargs)
@@ -69,6 +94,8 @@ class Recording:
         self._size = len(recorder.made)
         self._result = tree_map(recorder.encode, result)
         self.first_result = result  # what the recorded run returned
+        # Tensors from before the capture that the function wrote into (each replay writes again).
+        self.written_inputs: list[Tensor] = list(recorder.written.values())
 
     def __call__(self) -> Any:
         values: list[Any] = [None] * self._size

@@ -286,8 +286,21 @@ class EagerRunner(Runner):
 
 def compile_kwargs(backend: str, mode: str | None = None, inductor_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """torch.compile's arguments for every fastcache graph: whole graphs, static shapes (one graph
-    per input shape), the configured backend and its mode or inductor options."""
+    per input shape), the configured backend and its mode or inductor options.
+
+    Inductor always gets ``triton.cudagraphs=False``: its own CUDA Graphs (which
+    ``TORCHINDUCTOR_CUDAGRAPHS=1`` turns on for every compile) would capture inside fastcache's.
+    torch.compile takes a mode or options, not both, so a mode is passed as its options.
+    """
     kwargs: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=backend)
+    if backend == "inductor":
+        from torch._inductor import list_mode_options
+
+        options = dict(list_mode_options(mode, False)) if mode not in (None, "default") else {}
+        options.update(inductor_options or {})
+        options["triton.cudagraphs"] = False
+        kwargs["options"] = options
+        return kwargs
     if mode is not None:
         kwargs["mode"] = mode
     if inductor_options:

@@ -163,6 +163,35 @@ def test_cuda_steps_never_synchronise():
 
 
 @cuda
+@pytest.mark.covers("StableDiffusionPipeline", "CUDA Graphs", cuda_only=True)
+@torch.no_grad()
+def test_cuda_lora_scales_that_are_device_tensors_never_synchronise():
+    """PEFT's compiled hot-swap keeps LoRA scales as device tensors, and a call's scale may be
+    one: reading either on the host (float()) would wait for the GPU at every U-Net call."""
+    from .test_lora import LORA_A, scales_as_tensors
+
+    pipe = tiny_sd_pipeline(device="cuda", dtype=torch.float16)
+    pipe.load_lora_weights(LORA_A, adapter_name="a")
+    tensors = scales_as_tensors(pipe.unet)
+    assert tensors and all(tensor.is_cuda for tensor in tensors)
+    with accelerated(pipe, cache_interval=3) as handle:
+        handle.warmup()
+        sample = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16)
+        context = torch.randn(2, 77, 32, device="cuda", dtype=torch.float16)
+        scales = [torch.tensor(value, device="cuda") for value in (0.5, 0.8, 1.0)]
+        handle.reset()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in range(6):
+                torch._foreach_mul_(tensors, 1.01)  # hot-swap style: the scales change in place
+                pipe.unet(sample, 900 - 100 * step, context, cross_attention_kwargs={"scale": scales[step % 3]})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert handle._runner.captures == 2
+
+
+@cuda
 @torch.no_grad()
 def test_cuda_scale_uploads_never_synchronise():
     from fastcache.runtime import host_tensor

@@ -188,6 +188,51 @@ def test_weights_copied_in_place_keep_graphs():
         assert handle._runner.captures == 2
 
 
+def scales_as_tensors(unet: Any) -> list[torch.Tensor]:
+    """What PEFT's ``prepare_model_for_compiled_hotswap`` does to the LoRA scales: each becomes a
+    0-d float32 tensor on its layer's device. Returns them."""
+    tensors = []
+    for layer in lora_layers(unet):
+        for adapter, value in layer.scaling.items():
+            layer.scaling[adapter] = torch.tensor(float(value), device=layer.weight.device)
+            tensors.append(layer.scaling[adapter])
+    return tensors
+
+
+@pytest.mark.covers(LORA, "emulated CUDA Graphs")
+def test_lora_scales_that_are_tensors_are_copied_not_read():
+    """PEFT's compiled hot-swap keeps the scales as tensors, and a call's scale may be one: they
+    are copied and multiplied where they live, never read on the host (on a GPU every read would
+    wait for it, once per U-Net call); the images equal DeepCache's with the same scales as floats,
+    and scales changed in place are seen without a new capture."""
+    from .test_host_sync import host_reads_in_unet_calls
+
+    reference, pipe = _twins()
+    for twin in (reference, pipe):
+        twin.load_lora_weights(LORA_A, adapter_name="a")
+        twin.set_adapters(["a"], [0.5])
+    tensors = scales_as_tensors(pipe.unet)
+    cases: list[tuple[str, Callable[[], Any], dict[str, Any], dict[str, Any]]] = [
+        ("scales 0.5 as tensors", lambda: None, {}, {}),
+        ("call scale 0.3 as a tensor", lambda: None,
+         {"cross_attention_kwargs": {"scale": torch.tensor(0.3)}}, {"cross_attention_kwargs": {"scale": 0.3}}),
+        ("scales doubled in place", lambda: (torch._foreach_mul_(tensors, 2.0), reference.set_adapters(["a"], [1.0])),
+         {}, {}),
+    ]
+    with accelerated(pipe, cache_interval=3, cache_branch_id=0, compile=False, emulate_graphs=True) as handle:
+        for name, change, call, reference_call in cases:
+            change()
+            expected = deepcache_latents(reference, 3, 0, **reference_call)
+            with host_reads_in_unet_calls(pipe.unet) as reads:
+                actual = latents(pipe, **call)
+            assert max_diff(actual, expected) <= TOLERANCE, name
+            assert reads.count == 0, f"{name}: {reads.count} host reads of tensor values in U-Net calls"
+            assert handle._runner.captures == 2, f"{name}: captured again"
+    assert all(layer.scaling["a"] is tensor for layer, tensor in zip(lora_layers(pipe.unet), tensors, strict=True)), \
+        "PEFT's own tensors are put back"
+    assert all(float(tensor) == 1.0 for tensor in tensors)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA Graph capture and replay)")
 @pytest.mark.covers(LORA, "CUDA Graphs", cuda_only=True)
 def test_lora_under_real_cuda_graphs():
