@@ -31,6 +31,7 @@ Parts (names for ``--parts``):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -98,6 +99,10 @@ def make_parts(dry_run: bool, python: str, workdir: str, cache_dir: str) -> dict
         profile_flags = []
     pytest = [python, "-m", "pytest", "-q", "-rs", "-m", "cuda", "-p", "no:cacheprovider", "tests",
               "--junitxml", os.path.join(workdir, "cuda-tests", "junit.xml")]
+    if not dry_run and importlib.util.find_spec("xdist") is not None:
+        # The device has pytest-xdist and 16 cores: the CUDA tests' inductor compiles of the tiny
+        # U-Nets run 4 at a time (each worker its own process, CUDA context and allocator).
+        pytest += ["-n", "4"]
     profile = [python, "-m", "bench.profile", "--preset", sd, "--batch", "1", "--steps", str(steps),
                "--configs", "I3B0", "--methods", "fastcache", "--runs", str(runs), *profile_flags, *out("profile")]
     if sd_res is not None:
@@ -107,7 +112,7 @@ def make_parts(dry_run: bool, python: str, workdir: str, cache_dir: str) -> dict
     if sd_res is not None:
         restart += ["--res", str(sd_res)]
     parts = [
-        Part("cuda-tests", "CUDA tests (pytest -m cuda)", tuple(pytest), 150, 40),
+        Part("cuda-tests", "CUDA tests (pytest -m cuda)", tuple(pytest), 180, 40),
         Part("headline", f"{sd} {sd_res or 'default'} b1 {steps} steps: eager / compile / DeepCache / fastcache I3B0",
              (python, *bench_run_args(sd, sd_res, 1, steps, runs, compile_flags + cached + out("headline"))), 300, 120),
         Part("profile", "profile of one refresh and one cached step (fastcache I3B0)", tuple(profile), 120, 40),
