@@ -53,7 +53,7 @@ def cuda_graphs(text: str) -> bool | None:
     return {"auto": None, "on": True, "off": False}[text]
 
 
-def dtype(name: str, device: Any) -> Any:
+def torch_dtype(name: str, device: Any) -> Any:
     """``auto`` (fp16 on CUDA, fp32 elsewhere), ``fp16``, ``bf16`` or ``fp32`` as a torch dtype."""
     import torch
 

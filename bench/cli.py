@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Any
 
-from .args import DEFAULT_PROMPT, RESULTS, cuda_graphs, dtype, ints, option, sizes, tweaks
+from .args import DEFAULT_PROMPT, RESULTS, cuda_graphs, ints, option, sizes, torch_dtype, tweaks
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     started = time.time()
     preset = get_preset(args.preset)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype(args.dtype, device)
+    dtype = torch_dtype(args.dtype, device)
     configs = _configs(args)
     shapes = [Shape(w, h, b) for (w, h) in (args.res or [(preset.resolution,) * 2]) for b in args.batch]
     if args.runs < 1:

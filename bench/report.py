@@ -391,7 +391,6 @@ def save_samples(samples: dict[str, np.ndarray], directory: str) -> list[str]:
 def write_all(result: BenchResult, out: str, stem: str, samples: dict[str, np.ndarray]) -> dict[str, str]:
     """Write every file; returns {kind: path}."""
     os.makedirs(out, exist_ok=True)
-    preset = result.meta["settings"]["preset"]
     paths = {
         "json": os.path.join(out, stem + ".json"),
         "markdown": os.path.join(out, stem + ".md"),

@@ -78,7 +78,7 @@ def probe_main(options: Any) -> int:
 
     import fastcache
 
-    from .args import dtype as torch_dtype
+    from .args import torch_dtype
     from .methods import CacheConfig, Shape
     from .presets import get_preset
     from .runner import compile_counters
