@@ -21,14 +21,25 @@ from .errors import (
     CompileCacheError,
     CompileError,
     FastCacheError,
+    HandleDisabledError,
     InvalidConfigError,
+    InvalidInputError,
     ReentrantCallError,
+    ShapeLimitError,
     ShapeNotWarmedError,
     UnsupportedInputError,
     UnsupportedPipelineError,
 )
 
 __version__ = "0.1.0"
+
+
+def _schedule_argument(schedule: Any) -> Any:
+    """A list of steps as a tuple (the config is frozen and hashable); anything else as given, for
+    FastCacheConfig.validate to accept or refuse with InvalidConfigError."""
+    if isinstance(schedule, (list, tuple, range)) or type(schedule).__name__ == "ndarray":
+        return tuple(schedule)
+    return schedule
 
 
 def accelerate(
@@ -59,7 +70,7 @@ def accelerate(
     config = FastCacheConfig(
         cache_interval=cache_interval,
         cache_branch_id=cache_branch_id,
-        schedule=schedule if isinstance(schedule, str) else tuple(schedule),
+        schedule=_schedule_argument(schedule),
         center=center,
         power=power,
         compile=compile,
@@ -90,9 +101,12 @@ __all__ = [
     "InvalidConfigError",
     "AlreadyAcceleratedError",
     "UnsupportedInputError",
+    "InvalidInputError",
     "ReentrantCallError",
     "ShapeNotWarmedError",
     "CompileError",
+    "ShapeLimitError",
+    "HandleDisabledError",
     "CompileCacheError",
     "save_compile_cache",
     "load_compile_cache",

@@ -37,9 +37,12 @@ from .dispatch import StepDispatcher
 from .errors import (
     AlreadyAcceleratedError,
     CompileError,
+    FastCacheError,
+    HandleDisabledError,
     InvalidConfigError,
+    InvalidInputError,
     ReentrantCallError,
-    ShapeNotWarmedError,
+    ShapeLimitError,
     UnsupportedInputError,
     UnsupportedPipelineError,
 )
@@ -58,6 +61,7 @@ from .runtime import (
     compile_kwargs,
     describe_key,
 )
+from .dispatch import steps_in_call
 from .schedule import ExplicitSchedule, UniformSchedule
 from .side_models import CompileFailure, SideModels
 from .unet_split import ADDED_COND_KWARGS, CROSS_ATTENTION_KWARGS, UNetSplit
@@ -137,8 +141,13 @@ def _compile_kwargs(config: FastCacheConfig) -> dict[str, Any]:
     return compile_kwargs(config.compile_backend, config.compile_mode, dict(config.compile_options))
 
 
+def _uses_graphs(config: FastCacheConfig, device: torch.device) -> bool:
+    """Whether CUDA Graphs are captured (on a CUDA device unless the config says otherwise)."""
+    return config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
+
+
 def _make_runner(split: UNetSplit, config: FastCacheConfig, device: torch.device) -> Runner:
-    use_graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
+    use_graphs = _uses_graphs(config, device)
     if use_graphs and device.type != "cuda":
         raise InvalidConfigError(f"cuda_graphs=True needs the U-Net on a CUDA device; it is on {device}")
     compiled = (
@@ -146,11 +155,105 @@ def _make_runner(split: UNetSplit, config: FastCacheConfig, device: torch.device
         if config.compile
         else None
     )
+    runner: Runner
     if use_graphs or config.emulate_graphs:
-        return GraphRunner(split, compiled, emulate=not use_graphs, strict=config.strict)
-    if compiled is not None:
-        return CompiledRunner(compiled)
-    return EagerRunner(split)
+        runner = GraphRunner(split, compiled, emulate=not use_graphs, strict=config.strict)
+    elif compiled is not None:
+        runner = CompiledRunner(compiled)
+    else:
+        runner = EagerRunner(split)
+    runner.allow_new_shapes = not config.strict  # every runtime refuses unwarmed shapes in strict mode
+    return runner
+
+
+# diffusers model hooks (diffusers/hooks) that the eager split runs exactly as diffusers does:
+# layerwise casting swaps each layer's weights to the compute dtype around its own forward, which
+# the split calls like UNet2DConditionModel.forward does. Any other hook (group offloading, the
+# caching hooks) is refused, and every hook is refused where graphs are compiled or captured.
+EAGER_DIFFUSERS_HOOKS = frozenset({"layerwise_casting", "peft_autocast_disable"})
+
+
+def diffusers_hooks(unet: Any) -> set[str]:
+    """Names of the diffusers model hooks registered on `unet` or any of its modules."""
+    names: set[str] = set()
+    for module in unet.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        names.update(getattr(registry, "hooks", None) or ())
+    return names
+
+
+def _check_hooks(unet: Any, config: FastCacheConfig, device: torch.device) -> None:
+    """Refuse diffusers hooks the configured runtime cannot run exactly (never a wrong image)."""
+    names = diffusers_hooks(unet)
+    if not names:
+        return
+    if config.compile or config.emulate_graphs or _uses_graphs(config, device):
+        raise UnsupportedPipelineError(
+            f"the U-Net has diffusers model hooks ({', '.join(sorted(names))}: enable_layerwise_casting, "
+            "enable_group_offload...), which cast or move its weights around each layer's forward: a "
+            "compiled graph would bake that in and a CUDA Graph would read stale weight storage. "
+            "Accelerate with compile=False, cuda_graphs=False (layerwise casting then runs exactly, "
+            "without graphs), or remove the hooks"
+        )
+    unsupported = names - EAGER_DIFFUSERS_HOOKS
+    if unsupported:
+        raise UnsupportedPipelineError(
+            f"the U-Net has diffusers model hooks fastcache does not support ({', '.join(sorted(unsupported))}; "
+            "group offloading and diffusers' caching hooks change which weights and features a layer "
+            "sees); layerwise casting is the one hook supported, with compile=False, cuda_graphs=False"
+        )
+
+
+def _check_unet(unet: Any, config: FastCacheConfig) -> UNetSplit:
+    """Everything fastcache needs of a U-Net before patching it; returns its split. Raises (and
+    changes nothing) when it cannot accelerate it: at `accelerate`, and for a replaced U-Net."""
+    split = UNetSplit(unet, config.cache_branch_id)
+    if config.cuda_graphs and unet.device.type != "cuda":
+        raise InvalidConfigError(f"cuda_graphs=True needs the U-Net on a CUDA device; it is on {unet.device}")
+    if getattr(unet, "_hf_hook", None) is not None:
+        raise UnsupportedPipelineError(
+            "this pipeline's U-Net has accelerate hooks (enable_model_cpu_offload, "
+            "enable_sequential_cpu_offload or a device_map); fastcache does not support model "
+            "offload yet: keep the pipeline on one device (pipe.to('cuda'))"
+        )
+    _check_hooks(unet, config, unet.device)
+    previous_forward = vars(unet).get("forward")
+    owner = getattr(previous_forward, "__self__", None)
+    if isinstance(owner, FastCache):
+        raise AlreadyAcceleratedError(
+            f"this pipeline's U-Net is already accelerated by fastcache for a "
+            f"{owner._original_class.__name__} "
+            "that shares it (from_pipe, or **pipe.components); share that handle's graphs with "
+            "handle.attach(pipe) instead"
+        )
+    if previous_forward is not None and previous_forward != type(unet).forward.__get__(unet):
+        raise AlreadyAcceleratedError(
+            "pipe.unet.forward is already replaced by another tool (is DeepCache's helper enabled?); "
+            "disable it before fastcache.accelerate"
+        )
+    return split
+
+
+def _check_inputs(unet: Any, sample: Any, encoder_hidden_states: Tensor) -> None:
+    """Refuse, before anything runs, inputs that cannot fit this U-Net (plain diffusers fails on
+    them too, less clearly). Anything subtler is judged by running the eager split (FastCache._run)."""
+    config = unet.config
+    problems = []
+    if not torch.is_tensor(sample) or sample.dim() != 4 or not sample.is_floating_point():
+        described = f"a {sample.dim()}-d {sample.dtype} tensor" if torch.is_tensor(sample) else type(sample).__name__
+        problems.append(f"sample must be a 4-d floating-point tensor (batch, channels, height, width), got {described}")
+    elif sample.shape[1] != config.in_channels:
+        problems.append(f"sample has {sample.shape[1]} channels; this U-Net takes {config.in_channels}")
+    width = config.cross_attention_dim
+    if encoder_hidden_states.dim() != 3:
+        problems.append(f"encoder_hidden_states must be 3-d (batch, tokens, width), got shape {tuple(encoder_hidden_states.shape)}")
+    elif isinstance(width, int) and encoder_hidden_states.shape[-1] != width:
+        problems.append(
+            f"encoder_hidden_states (prompt embeddings) are {encoder_hidden_states.shape[-1]} wide; this "
+            f"U-Net's cross-attention takes {width} (embeddings from another model's text encoder?)"
+        )
+    if problems:
+        raise InvalidInputError("invalid U-Net call: " + "; ".join(problems) + ". Nothing was run.")
 
 
 class FastCache:
@@ -163,31 +266,11 @@ class FastCache:
         config.validate()
         schedule = config.refresh_schedule()
         unet = _pipeline_unet(pipe)
-        split = UNetSplit(unet, config.cache_branch_id)
-        if getattr(unet, "_hf_hook", None) is not None:
-            raise UnsupportedPipelineError(
-                "this pipeline's U-Net has accelerate hooks (enable_model_cpu_offload, "
-                "enable_sequential_cpu_offload or a device_map); fastcache does not support model "
-                "offload yet: keep the pipeline on one device (pipe.to('cuda'))"
-            )
         if getattr(type(pipe), "_fastcache_handle", None) is not None:
             raise AlreadyAcceleratedError(
                 "this pipeline is already accelerated by fastcache; call disable() on its handle first"
             )
-        previous_forward = vars(unet).get("forward")
-        owner = getattr(previous_forward, "__self__", None)
-        if isinstance(owner, FastCache):
-            raise AlreadyAcceleratedError(
-                f"this pipeline's U-Net is already accelerated by fastcache for a "
-                f"{owner._original_class.__name__} "
-                "that shares it (from_pipe, or **pipe.components); share that handle's graphs with "
-                "handle.attach(pipe) instead"
-            )
-        if previous_forward is not None and previous_forward != type(unet).forward.__get__(unet):
-            raise AlreadyAcceleratedError(
-                "pipe.unet.forward is already replaced by another tool (is DeepCache's helper enabled?); "
-                "disable it before fastcache.accelerate"
-            )
+        split = _check_unet(unet, config)
         self.config = config
         self.pipe = pipe
         self.unet = unet
@@ -206,10 +289,20 @@ class FastCache:
         self._calling_pipe: Any | None = None
         self._unet_patch = InstancePatch(unet, "forward", self._unet_forward)  # keeps another tool's forward
         self._seen_keys: set[Hashable] = set()
+        # Shapes the runner cannot prepare (see _run): those past RECOMPILE_LIMIT run on this
+        # eager split instead; those whose compile or capture failed are refused until warmup()
+        # retries them or the model changes (the message of their failure, by key).
+        self._fallback = EagerRunner(split)
+        self._eager_keys: set[Hashable] = set()
+        self._failed: dict[Hashable, str] = {}
+        self._warming = False
+        self._warned_steps_past: set[int] = set()
         # One pipeline call at a time: the static buffers, the kept features and the dispatcher
         # hold one call's state (see _exclusive).
         self._call_lock = threading.Lock()
         self._call_thread: int | None = None
+        # The thread that made the latest U-Net call, or re-armed for one (see _unet_forward).
+        self._last_thread: int | None = None
         # True once reset() was called: U-Net calls outside a pipeline call then skip the per-call
         # model check and the warning (see reset()).
         self._loop_managed = False
@@ -298,6 +391,7 @@ class FastCache:
         caching = self._dispatcher.schedule.caches
         self._dispatcher.force(ExplicitSchedule(frozenset({0})) if caching else UniformSchedule(1))
         self._runner.allow_new_shapes = True
+        self._warming = True  # prepares shapes past the limit or that failed before, or raises
         before, known = self.compilations, set(self._seen_keys)
         start = time.perf_counter()
         try:
@@ -305,6 +399,7 @@ class FastCache:
             if self._device.type == "cuda":
                 torch.cuda.synchronize(self._device)
         finally:
+            self._warming = False
             self._dispatcher.force(None)
             if self.enabled:
                 self._runner.allow_new_shapes = not self.config.strict
@@ -345,6 +440,12 @@ class FastCache:
             pipe.__class__ = _accelerated_class(original, self)
             self._attached.append((pipe, original))
 
+    @property
+    def eager_shapes(self) -> tuple[str, ...]:
+        """Shapes served by the eager split because this handle's graphs are full
+        (`runtime.RECOMPILE_LIMIT` shapes per U-Net function; see `_run`)."""
+        return tuple(sorted(describe_key(key) for key in self._eager_keys))
+
     def memory(self) -> MemoryReport:
         """Device memory fastcache holds between calls beyond the pipeline's own (bytes): static
         input and output buffers, kept features, and on CUDA the graphs' shared memory pool."""
@@ -360,17 +461,22 @@ class FastCache:
 
     def reset(self) -> None:
         """Start a custom denoising loop that calls ``pipe.unet`` directly: the next U-Net call
-        refreshes, and the model is checked for changes (LoRA loaded, fused, switched...) here, as
-        a pipeline call does at its start.
+        refreshes, and the model is checked for changes (LoRA loaded, fused, switched...; a
+        replaced ``pipe.unet`` is accelerated in place of the previous one) here, as a pipeline
+        call does at its start.
 
         Until a loop first calls reset(), U-Net calls outside a pipeline call check the model on
         every call (safe, but a fingerprint per step: 0.65 ms for SD 1.5's U-Net on the 2-core CPU);
         after it, they trust reset() to be called before each loop, as the warning asks.
         """
-        if self.enabled:
-            self._check_model()
-        self._dispatcher.rearm()
-        self._loop_managed = True
+        with self._exclusive():  # never in the middle of another thread's pipeline call
+            if self.enabled and getattr(self.pipe, "unet", None) is not self.unet:
+                self._adopt_unet(self.pipe)  # pipe.unet was replaced: the loop calls the new one
+            if self.enabled:
+                self._check_model()
+            self._dispatcher.rearm()
+            self._last_thread = threading.get_ident()
+            self._loop_managed = True
 
     def disable(self) -> None:
         """Restore the pipeline exactly as it was and free graphs and cached features.
@@ -386,12 +492,16 @@ class FastCache:
             return
         self._uninstall()
         self._runner.release()
+        self._fallback.release()
         self.enabled = False
 
     # -- internals -------------------------------------------------------------------------------
     def _require_enabled(self) -> None:
         if not self.enabled:
-            raise RuntimeError("this fastcache handle is disabled; call fastcache.accelerate(pipe) again")
+            raise HandleDisabledError(
+                "this fastcache handle is disabled (disable() was called, or it restored the pipeline "
+                "after a compile failure); call fastcache.accelerate(pipe) for a new one"
+            )
 
     def _uninstall(self) -> None:
         self._unet_patch.undo()
@@ -428,11 +538,7 @@ class FastCache:
 
     def _begin_pipeline_call(self, pipe: Any) -> None:
         if getattr(pipe, "unet", None) is not self.unet:
-            raise UnsupportedInputError(
-                f"this {type(pipe).__name__}'s unet was replaced after fastcache.accelerate, so it "
-                "would run without fastcache; call disable() on the handle, then accelerate the "
-                "pipeline again with its new U-Net"
-            )
+            self._adopt_unet(pipe)
         if getattr(self.unet, "_hf_hook", None) is not None:
             raise UnsupportedInputError(
                 "the U-Net got accelerate hooks (enable_model_cpu_offload / device_map) after "
@@ -441,8 +547,42 @@ class FastCache:
             )
         self._check_model()
         self._dispatcher.rearm()
+        self._last_thread = threading.get_ident()
         self.stats.pipeline_calls += 1
         self.stats.last_call = []
+
+    def _pipelines(self) -> list[Any]:
+        return [self.pipe] + [pipe for pipe, _ in self._attached]
+
+    def _adopt_unet(self, pipe: Any) -> None:
+        """`pipe.unet` was replaced (a fine-tune, another sample size): accelerate the new U-Net in
+        place of the old one, as a model change. The old U-Net gets its own forward back; graphs
+        are prepared anew (in strict mode only for the shapes already served), so the images are
+        those of accelerating the new U-Net afresh. Raises, changing nothing, when the new U-Net
+        cannot be accelerated or other pipelines of this handle still use the old one."""
+        new = getattr(pipe, "unet", None)
+        stale = [type(other).__name__ for other in self._pipelines() if getattr(other, "unet", None) is not new]
+        if stale:
+            raise UnsupportedPipelineError(
+                f"this {type(pipe).__name__}'s unet was replaced, but the pipelines sharing this handle "
+                f"({', '.join(stale)}) still use the previous one: one handle accelerates one U-Net. Set the "
+                "new U-Net on every attached pipeline, or put the previous one back"
+            )
+        try:
+            split = _check_unet(new, self.config)
+        except FastCacheError as error:
+            raise type(error)(
+                f"this {type(pipe).__name__}'s unet was replaced after fastcache.accelerate, and the new one "
+                f"cannot be accelerated: {error}. Put the previous U-Net back, or call disable() on the "
+                "handle to run the new one without fastcache"
+            ) from error
+        logger.info("pipe.unet was replaced: fastcache accelerates the new U-Net and prepares its graphs again")
+        new_patch = InstancePatch(new, "forward", self._unet_forward)
+        new_patch.apply()
+        self._unet_patch.undo()
+        self._unet_patch = new_patch
+        self.unet, self.split = new, split
+        self._rebuild(new.device)
 
     def _move_to(self, device: torch.device) -> None:
         """The pipeline was moved (``pipe.to``) after accelerate: new runner, graphs made anew."""
@@ -455,6 +595,8 @@ class FastCache:
         fingerprint = model_fingerprint(self.unet)
         if fingerprint == self._fingerprint:
             return
+        # Hooks change weights, so they change the fingerprint: checked here at no per-call cost.
+        _check_hooks(self.unet, self.config, self.unet.device)
         if self.unet.device != self._device:  # pipe.to(another device): new storage, new device
             self._move_to(self.unet.device)
             return
@@ -476,6 +618,10 @@ class FastCache:
         self._runner = _make_runner(self.split, self.config, device)
         self._runner.allow_new_shapes = old.allow_new_shapes  # warmup() may be under way
         self._runner.rewarm_keys = frozenset(self._seen_keys)
+        self._fallback.release()
+        self._fallback = EagerRunner(self.split)  # the split may be a new U-Net's (_adopt_unet)
+        self._eager_keys.clear()  # the new runner has room for them, and failures may not recur
+        self._failed.clear()
         self._device = device
         self._lora = LoraScales(self.unet, device)
         self._fingerprint = model_fingerprint(self.unet)
@@ -498,6 +644,17 @@ class FastCache:
         return_dict: bool = True,
     ) -> Any:
         """Replaces ``pipe.unet.forward``; same signature and return type as diffusers'."""
+        if self._call_thread != threading.get_ident():
+            # Not inside this thread's pipeline call: hold the handle's lock for this one U-Net call,
+            # so that it waits for another thread's pipeline call (whose step counter, kept features
+            # and static buffers it would otherwise share) instead of running in its middle.
+            with self._exclusive():
+                return self._unet_forward(
+                    sample, timestep, encoder_hidden_states, class_labels, timestep_cond, attention_mask,
+                    cross_attention_kwargs, added_cond_kwargs, down_block_additional_residuals,
+                    mid_block_additional_residual, down_intrablock_additional_residuals,
+                    encoder_attention_mask, return_dict,
+                )
         unsupported = [
             name
             for name, value in (
@@ -532,8 +689,14 @@ class FastCache:
                 "fastcache cannot run this U-Net call yet: it passes " + ", ".join(unsupported)
                 + ". Call disable() on the fastcache handle to run this pipeline without it."
             )
+        _check_inputs(self.unet, sample, encoder_hidden_states)
         if sample.device != self._device:
             self._move_to(sample.device)
+        if self._calling_pipe is None and self._last_thread != threading.get_ident():
+            # A direct call after another thread's pipeline call or loop: their step counter and kept
+            # features are not this caller's, so it starts afresh (a refresh) rather than continue them.
+            self._dispatcher.rearm()
+        self._last_thread = threading.get_ident()
         if self._calling_pipe is None and not self._loop_managed:
             self._check_model()
             if not self._warned_outside_call:
@@ -555,6 +718,8 @@ class FastCache:
             calling = self._calling_pipe if self._calling_pipe is not None else self.pipe  # a custom loop
             self._dispatcher.locate(calling.scheduler, timestep)  # PNDM img2img: DeepCache's step numbers
             refresh = self._dispatcher.next_call(calling.scheduler, key)
+            if self._dispatcher.step == 0 and not self._warming:
+                self._warn_steps_past(calling.scheduler)
             if self._controlnet_reuse is not None:  # stores (or, as a safety net, recomputes) its residuals
                 inputs = self._controlnet_reuse.unet_call(refresh, key, inputs)
             lora_scale = (cross_attention_kwargs or {}).get("scale", 1.0)  # a number or a tensor (lora.py)
@@ -572,18 +737,115 @@ class FastCache:
 
         return UNet2DConditionOutput(sample=noise)
 
+    def _warn_steps_past(self, scheduler: Any) -> None:
+        """An explicit schedule's steps that this call never reaches: said once per call length."""
+        schedule = self._dispatcher.schedule
+        num_steps = steps_in_call(scheduler)
+        if not isinstance(schedule, ExplicitSchedule) or num_steps is None or num_steps in self._warned_steps_past:
+            return
+        past = schedule.steps_past(num_steps)
+        if past:
+            self._warned_steps_past.add(num_steps)
+            logger.warning(
+                "schedule refresh step(s) %s are past the %d steps of this call and never run: it refreshes "
+                "at steps %s only (steps count from 0 in each call). Said once per number of steps.",
+                past, num_steps, sorted(step for step in schedule.steps | {0} if step < num_steps),
+            )
+
     def _run(self, refresh: bool, key: Hashable, inputs: StepInputs) -> Tensor:
+        """Run one U-Net call on the runner; what happens to a shape it cannot prepare:
+
+        * inputs that the eager split fails on too: InvalidInputError, nothing changes;
+        * past RECOMPILE_LIMIT shapes: the shape runs on the eager split from then on (the same
+          computation, uncompiled), with a warning; warmup() raises ShapeLimitError instead;
+        * a compile or capture failure of a valid input: CompileError. If the handle never served
+          a shape, it restores the pipeline first (nothing works: the backend or a setting); else
+          only this shape is refused, now and on later calls (no recompiling on every request),
+          until warmup() retries it or the model changes; prepared shapes keep their graphs.
+        """
+        try:
+            return self._run_or_raise(refresh, key, inputs)
+        except BaseException:
+            self._dispatcher.rearm()  # the next call refreshes: nothing half-done is reused
+            raise
+
+    def _run_or_raise(self, refresh: bool, key: Hashable, inputs: StepInputs) -> Tensor:
+        if key in self._eager_keys:
+            if self._warming:
+                raise ShapeLimitError(
+                    f"{describe_key(key)} runs on the eager split: this handle's graphs were full when it "
+                    "was first served (fastcache.runtime.RECOMPILE_LIMIT shapes per U-Net function), so "
+                    "warmup() cannot prepare graphs for it; the prepared shapes keep theirs"
+                )
+            return self._fallback.refresh(key, inputs) if refresh else self._fallback.cached(key, inputs)
         runner = self._runner
         if runner.is_prepared(key, refresh):
             return runner.refresh(key, inputs) if refresh else runner.cached(key, inputs)
+        if key in self._failed and not self._warming:
+            raise CompileError(
+                f"fastcache could not prepare the U-Net graphs for {describe_key(key)} earlier "
+                f"({self._failed[key]}), so this shape is refused without trying again; the handle keeps "
+                "serving the shapes it prepared. warmup() at this shape tries again."
+            )
         try:
-            return runner.refresh(key, inputs) if refresh else runner.cached(key, inputs)
-        except ShapeNotWarmedError:
+            noise = runner.refresh(key, inputs) if refresh else runner.cached(key, inputs)
+        except ShapeLimitError as error:
+            if self._warming or not refresh:
+                raise ShapeLimitError(
+                    f"{error}. The prepared shapes keep their graphs; serving calls at this shape "
+                    "(strict=False) run it on the eager split. Raise fastcache.runtime.RECOMPILE_LIMIT "
+                    "before accelerate to hold more shapes."
+                ) from error
+            return self._run_past_limit(key, inputs, error)
+        except FastCacheError:  # ShapeNotWarmedError, and errors that say what to do already
             raise
         except Exception as error:
+            raise self._preparation_failed(refresh, key, inputs, error) from error
+        self._failed.pop(key, None)
+        return noise
+
+    def _run_past_limit(self, key: Hashable, inputs: StepInputs, error: ShapeLimitError) -> Tensor:
+        """A new shape past RECOMPILE_LIMIT, while serving: its own eager split, warned once."""
+        self._eager_keys.add(key)
+        logger.warning(
+            "%s: it runs on the eager split (the same computation, uncompiled and without graphs) "
+            "from now on, and the prepared shapes keep theirs. Warm up the shapes you serve, or raise "
+            "fastcache.runtime.RECOMPILE_LIMIT before accelerate.", error,
+        )
+        return self._fallback.refresh(key, inputs)
+
+    def _preparation_failed(
+        self, refresh: bool, key: Hashable, inputs: StepInputs, error: Exception
+    ) -> FastCacheError:
+        """The error to raise for a failure while preparing `key` (see `_run`)."""
+        eager_error = error if isinstance(self._runner, EagerRunner) else self._eager_failure(inputs)
+        if eager_error is not None:
+            return InvalidInputError(
+                f"this U-Net call's inputs fail in the plain (eager) U-Net too, so they are the "
+                f"caller's error: {type(eager_error).__name__}: {eager_error}. Shapes: "
+                f"{describe_key(key)}. fastcache changed nothing and stays enabled."
+            )
+        summary = f"{type(error).__name__}: {error}"
+        which = "full" if refresh else "shallow"
+        if not self._seen_keys:
             self.disable()
-            raise CompileError(
-                f"fastcache could not prepare the {'full' if refresh else 'shallow'} U-Net graph for "
-                f"{describe_key(key)}: {type(error).__name__}: {error}\nThe pipeline was restored to its "
-                "original state. To narrow it down, accelerate with cuda_graphs=False, then compile=False."
-            ) from error
+            return CompileError(
+                f"fastcache could not prepare the {which} U-Net graph for {describe_key(key)}: {summary}\n"
+                "It had not served any shape, so the pipeline was restored to its original state. To "
+                "narrow it down, accelerate with cuda_graphs=False, then compile=False."
+            )
+        self._failed[key] = summary
+        return CompileError(
+            f"fastcache could not prepare the {which} U-Net graph for {describe_key(key)}: {summary}\n"
+            "Only this shape is refused (now and on later calls, until warmup() at this shape tries "
+            "again or the model changes); the handle stays enabled and keeps its prepared shapes."
+        )
+
+    def _eager_failure(self, inputs: StepInputs) -> Exception | None:
+        """What the eager split raises on `inputs`, or None: tells a bad input from a compile or
+        capture failure (only on that failure path; it costs one uncompiled U-Net run)."""
+        try:
+            self.split.full(*inputs.args())
+        except Exception as error:  # noqa: BLE001 (returned: the caller's input error)
+            return error
+        return None

@@ -109,3 +109,16 @@ class FastCacheConfig:
                 )
         if not isinstance(self.compile_backend, str) or not self.compile_backend:
             raise InvalidConfigError(f"compile_backend must be a torch.compile backend name, got {self.compile_backend!r}")
+        known = known_backends()
+        if self.compile_backend not in known:
+            raise InvalidConfigError(
+                f"unknown compile_backend {self.compile_backend!r}: torch.compile knows {', '.join(known)} "
+                "(use 'inductor' to serve; register your own with torch._dynamo.register_backend)"
+            )
+
+
+def known_backends() -> list[str]:
+    """Every backend name torch.compile accepts now, debug and experimental ones included."""
+    import torch._dynamo
+
+    return sorted(torch._dynamo.list_backends(exclude_tags=()))

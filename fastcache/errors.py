@@ -23,6 +23,12 @@ class UnsupportedInputError(FastCacheError, NotImplementedError):
     """A U-Net call passed inputs the split does not handle yet (the pipeline stays accelerated)."""
 
 
+class InvalidInputError(FastCacheError, ValueError):
+    """A U-Net call's inputs are wrong for this U-Net (a channel count, an embedding width, a dtype
+    that plain diffusers would also fail on): the caller's error. Nothing changed; the handle
+    stays enabled and keeps every prepared shape."""
+
+
 class ReentrantCallError(FastCacheError, RuntimeError):
     """The accelerated pipeline was called from inside one of its own calls (a callback)."""
 
@@ -32,7 +38,21 @@ class ShapeNotWarmedError(FastCacheError, RuntimeError):
 
 
 class CompileError(FastCacheError, RuntimeError):
-    """Compiling or capturing a graph failed; the pipeline was restored before this was raised."""
+    """Compiling or capturing a graph failed for a valid input.
+
+    When the handle had not served any shape yet, the pipeline was restored before this was
+    raised (nothing works: a broken backend or setting). Otherwise only that shape is refused: the
+    handle stays enabled and keeps the shapes it prepared (see the message).
+    """
+
+
+class ShapeLimitError(CompileError):
+    """`warmup` asked for a new shape beyond the graphs one handle holds (`runtime.RECOMPILE_LIMIT`
+    per U-Net function). Nothing changed; the prepared shapes keep their graphs."""
+
+
+class HandleDisabledError(FastCacheError, RuntimeError):
+    """A method that needs an enabled handle was called after `disable()`."""
 
 
 class CompileCacheError(FastCacheError, RuntimeError):

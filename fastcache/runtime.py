@@ -6,7 +6,9 @@ and keeps its features, ``cached`` runs the shallow function on them. Three runn
 * `EagerRunner`: the split as plain PyTorch; the exact reference path (``compile=False``).
 * `CompiledRunner`: both functions under ``torch.compile`` (``fullgraph=True``, static shapes).
   One dynamo cache entry per shape key; a new key compiles on first use (or raises in strict
-  mode) and the recompile limit raises instead of silently falling back to eager.
+  mode). Past RECOMPILE_LIMIT keys a new one raises `ShapeLimitError` instead of compiling, and
+  dynamo never falls back to eager on its own (accelerate.py decides what a shape past the limit
+  runs).
 * `GraphRunner` (in graphs.py): the compiled functions captured as CUDA Graphs per shape key.
 
 None of them knows U-Net structure (unet_split.py) or when to refresh (dispatch.py).
@@ -15,16 +17,19 @@ None of them knows U-Net structure (unet_split.py) or when to refresh (dispatch.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .errors import ShapeNotWarmedError
+from .errors import ShapeLimitError, ShapeNotWarmedError
 from .unet_split import ADDED_CONDITIONS, UNetSplit, ip_adapter_masks
 
-# Per compiled function: how many shape keys dynamo may hold before it raises (never eager).
+# Per compiled function of one handle: how many shape keys it compiles. A new key past it raises
+# ShapeLimitError without calling dynamo (whose own limit, set to the same number for fastcache's
+# calls only, is never the one that decides); see FastCache._run for what runs such a shape.
 RECOMPILE_LIMIT = 64
 
 
@@ -266,14 +271,26 @@ class Runner:
 
 
 class EagerRunner(Runner):
-    """Runs the split eagerly: the exact reference for every other runner."""
+    """Runs the split eagerly: the exact reference for every other runner.
+
+    Nothing is compiled, but strict serving is honoured all the same: a shape key that warm-up
+    (or an earlier call while new shapes were allowed) did not run raises ShapeNotWarmedError, so
+    a server sees the same refusals with ``compile=False`` as with its compiled configuration.
+    """
 
     def __init__(self, split: UNetSplit) -> None:
         super().__init__()
         self.split = split
+        self._ran: set[Hashable] = set()
+
+    def is_prepared(self, key: Hashable, refresh: bool) -> bool:
+        return key in self._ran
 
     def refresh(self, key: Hashable, inputs: StepInputs) -> Tensor:
+        if key not in self._ran and not self.may_prepare(key):
+            raise not_warmed_error(key, "full", self._ran)
         noise, self._kept = self.split.full(*inputs.args())
+        self._ran.add(key)
         return noise
 
     def cached(self, key: Hashable, inputs: StepInputs) -> Tensor:
@@ -282,6 +299,7 @@ class EagerRunner(Runner):
 
     def release(self) -> None:
         self._kept = None
+        self._ran.clear()
 
 
 def compile_kwargs(backend: str, mode: str | None = None, inductor_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -312,9 +330,13 @@ class CompiledFunctions:
     """``torch.compile`` of a split's two functions, with per-shape-key bookkeeping.
 
     `call` compiles a new key on first use (raising ShapeNotWarmedError instead when new shapes
-    are not allowed), and runs known keys with dynamo told to fail rather than recompile in strict
-    mode. Dynamo's recompile limit is raised to RECOMPILE_LIMIT for these calls and hitting it
-    raises: a U-Net never drops to eager silently.
+    are not allowed, ShapeLimitError past RECOMPILE_LIMIT keys), and in strict serving runs known
+    keys with dynamo told to fail rather than recompile (ShapeNotWarmedError). Dynamo's own limit
+    is RECOMPILE_LIMIT for these calls and hitting it raises (ShapeLimitError): a U-Net never
+    drops to eager inside dynamo.
+
+    Every dynamo setting is changed for the calling thread only (`dynamo_policy`): torch's
+    process-wide compiler stance and other threads' functions are never touched.
     """
 
     def __init__(self, split: UNetSplit, options: Mapping[str, Any], strict: bool) -> None:
@@ -334,25 +356,80 @@ class CompiledFunctions:
         return key in self.compiled[which]
 
     def call(self, which: str, key: Hashable, allow_new: bool, *args: Any) -> Any:
+        """Run `which` at `key`; `allow_new`: whether a new key may be compiled now."""
         known = key in self.compiled[which]
         if not known and not allow_new:
             raise not_warmed_error(key, which, self.compiled["full"])
-        with self._dynamo_policy(known):
-            result = self.functions[which](*args)
+        if not known and len(self.compiled[which]) >= RECOMPILE_LIMIT:
+            raise shape_limit_error(key, which)
+        from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
+
+        try:
+            with dynamo_policy(fail_on_recompile=self.strict and known):
+                result = self.functions[which](*args)
+        except RecompileError as error:  # strict serving, a known key whose guards failed
+            raise ShapeNotWarmedError(
+                f"strict serving: the warmed {which} U-Net graph for {describe_key(key)} would be "
+                f"compiled again ({error}). Something the graph depends on changed outside "
+                "fastcache's knowledge; call warmup() again, or accelerate with strict=False."
+            ) from error
+        except FailOnRecompileLimitHit as error:  # dynamo's count, shared by every handle, is full
+            raise shape_limit_error(key, which, process_wide=True) from error
         if not known:
             self.compiled[which].add(key)
         return result
 
-    @contextlib.contextmanager
-    def _dynamo_policy(self, known: bool) -> Iterator[None]:
-        import torch._dynamo
 
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
-            if known and self.strict:
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    yield
-            else:
-                yield
+def shape_limit_error(key: Hashable, which: str, process_wide: bool = False) -> ShapeLimitError:
+    holder = (
+        "dynamo already holds as many graphs of the U-Net functions as it allows per process (every "
+        "fastcache handle and model change counts; torch._dynamo.config.accumulated_recompile_limit)"
+        if process_wide
+        else f"the {which} U-Net function of this handle already holds graphs for {RECOMPILE_LIMIT} "
+        "shapes (fastcache.runtime.RECOMPILE_LIMIT)"
+    )
+    return ShapeLimitError(f"{holder}, so {describe_key(key)} gets none")
+
+
+@functools.lru_cache(maxsize=1)
+def dynamo_config_is_thread_local() -> bool:
+    """Whether ``torch._dynamo.config.patch`` changes the calling thread only (torch >= 2.13:
+    each setting is a ContextVar). Older torch patches the process-wide value."""
+    import contextvars
+
+    import torch._dynamo.config as config
+
+    entry = getattr(config, "_config", {}).get("recompile_limit")
+    return isinstance(getattr(entry, "user_override", None), contextvars.ContextVar)
+
+
+@contextlib.contextmanager
+def dynamo_policy(fail_on_recompile: bool) -> Iterator[None]:
+    """Dynamo's settings for one call of a fastcache function, on the calling thread only.
+
+    Dynamo's recompile limit counts a function's graphs across every handle of the process (they
+    share the split's code), so it is set to the process-wide ceiling
+    (``accumulated_recompile_limit``) and fastcache counts each handle's shapes itself
+    (RECOMPILE_LIMIT); hitting either raises, never runs eager. With `fail_on_recompile`,
+    any recompilation raises RecompileError (strict serving of a warmed key). These are dynamo
+    config values, which torch 2.13 keeps per thread, so nothing leaks to another thread's
+    functions, whatever the interleaving. torch's ``set_stance`` is process-wide and is not used.
+    On an older torch, whose config patches are process-wide, nothing is changed: dynamo's own
+    limit then applies (its default 8; reaching it raises as fullgraph functions do) and a
+    recompilation of a warmed key is not refused.
+    """
+    if not dynamo_config_is_thread_local():
+        yield
+        return
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    limit = max(RECOMPILE_LIMIT, config.accumulated_recompile_limit)
+    settings: dict[str, Any] = dict(recompile_limit=limit, fail_on_recompile_limit_hit=True)
+    if fail_on_recompile:
+        settings["error_on_recompile"] = True
+    with config.patch(**settings):
+        yield
 
 
 class CompiledRunner(Runner):

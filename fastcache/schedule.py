@@ -58,6 +58,10 @@ class ExplicitSchedule(RefreshSchedule):
     def is_refresh(self, step: int, num_steps: int | None) -> bool:
         return step == 0 or step in self.steps
 
+    def steps_past(self, num_steps: int) -> list[int]:
+        """The listed refresh steps a call of `num_steps` steps never reaches (warned about)."""
+        return sorted(step for step in self.steps if step >= num_steps)
+
 
 @dataclass(frozen=True)
 class QuadraticSchedule(RefreshSchedule):
@@ -116,25 +120,49 @@ def _quadratic_or_uniform(num_steps: int, interval: int, center: int, power: flo
         return frozenset(range(0, num_steps, interval))
 
 
+# The largest quadratic `power`: DeepCache's placement lowers the power by 0.02 until the steps
+# are distinct, so the power bounds its loop (450 rounds at most here; an infinite one never ends).
+MAX_POWER = 10.0
+
+
+def _is_int(value: object) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+
+
+def check_quadratic_parameters(center: object, power: object) -> None:
+    """`center` and `power` of the quadratic schedule (checked whatever the schedule: they are
+    accelerate() arguments, and a wrong one is a mistake even where it is unused)."""
+    if not _is_int(center) or center < 0:  # type: ignore[operator]
+        raise InvalidConfigError(f"center must be an int >= 0 (a step number), got {center!r}")
+    if (
+        isinstance(power, (bool, np.bool_))
+        or not isinstance(power, (int, float, np.integer, np.floating))
+        or not math.isfinite(power)
+        or not 1 < power <= MAX_POWER
+    ):
+        raise InvalidConfigError(
+            f"power must be a finite number in (1, {MAX_POWER:g}] (DeepCache's default is 1.4), got {power!r}"
+        )
+
+
 def make_schedule(
     schedule: str | Sequence[int], cache_interval: int, center: int = 15, power: float = 1.4
 ) -> RefreshSchedule:
     """Build a schedule from accelerate()'s arguments, validating them."""
-    if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
+    if not _is_int(cache_interval) or cache_interval < 1:
         raise InvalidConfigError(f"cache_interval must be an int >= 1 (1 turns caching off), got {cache_interval!r}")
+    check_quadratic_parameters(center, power)
     if isinstance(schedule, str):
         if schedule == "uniform":
-            return UniformSchedule(cache_interval)
+            return UniformSchedule(int(cache_interval))
         if schedule == "quadratic":
-            if not isinstance(center, int) or center < 0:
-                raise InvalidConfigError(f"center must be an int >= 0, got {center!r}")
-            if not isinstance(power, (int, float)) or power <= 1:
-                raise InvalidConfigError(f"power must be a number > 1, got {power!r}")
-            return QuadraticSchedule(cache_interval, center, float(power))
+            return QuadraticSchedule(int(cache_interval), int(center), float(power))
         raise InvalidConfigError(
             f"unknown schedule {schedule!r}: use 'uniform', 'quadratic' or a list of refresh steps"
         )
-    steps = list(schedule)
-    if not steps or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in steps):
-        raise InvalidConfigError(f"an explicit schedule is a non-empty list of step numbers >= 0, got {schedule!r}")
+    steps = list(schedule) if isinstance(schedule, (list, tuple, range, np.ndarray)) else None
+    if not steps or any(not _is_int(s) or s < 0 for s in steps):
+        raise InvalidConfigError(
+            f"schedule must be 'uniform', 'quadratic' or a non-empty list of step numbers >= 0, got {schedule!r}"
+        )
     return ExplicitSchedule(frozenset(int(s) for s in steps))

@@ -565,20 +565,26 @@ def test_attach_refuses_what_it_cannot_share(sd_pipe):
     assert_untouched(other)
 
 
-def test_a_unet_replaced_after_accelerate_is_refused_at_the_call(sd_pipe):
-    """Otherwise the new U-Net would run plain diffusers, silently without fastcache."""
+def test_a_unet_replaced_after_accelerate_is_accelerated_at_the_call(sd_pipe):
+    """The next call accelerates the new U-Net (issue 13 item 8; it was refused before), with the
+    images of accelerating it afresh; the previous U-Net gets its own forward back."""
     original, replacement = sd_pipe.unet, copy.deepcopy(sd_pipe.unet)
-    expected = latents(sd_pipe, steps=3)
-    handle = fastcache.accelerate(sd_pipe, compile=False)
+    with torch.no_grad():
+        replacement.conv_out.weight.mul_(0.5)  # a "fine-tune"
     try:
         sd_pipe.unet = replacement
-        with pytest.raises(UnsupportedInputError, match="unet was replaced after fastcache.accelerate"):
+        with accelerated(sd_pipe, compile=False):
+            expected = latents(sd_pipe, steps=3)
+        sd_pipe.unet = original
+        with accelerated(sd_pipe, compile=False):
             latents(sd_pipe, steps=3)
+            sd_pipe.unet = replacement
+            assert torch.equal(latents(sd_pipe, steps=3), expected)
+            assert vars(original).get("forward") in (None, type(original).forward.__get__(original))
+        assert_untouched(sd_pipe)
     finally:
-        handle.disable()
         sd_pipe.unet = original
     assert_untouched(sd_pipe)
-    assert torch.equal(latents(sd_pipe, steps=3), expected)
 
 
 def test_pipelines_per_thread_with_their_own_schedulers_take_turns_once_attached(sd_pipe):

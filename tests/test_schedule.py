@@ -87,7 +87,7 @@ def test_bad_schedules_are_refused(schedule, interval, message):
 
 
 def test_bad_quadratic_parameters_are_refused():
-    with pytest.raises(InvalidConfigError, match="power must be a number > 1"):
+    with pytest.raises(InvalidConfigError, match=r"power must be a finite number in \(1, 10\]"):
         make_schedule("quadratic", 3, center=15, power=1.0)
     with pytest.raises(InvalidConfigError, match="center must be an int >= 0"):
         make_schedule("quadratic", 3, center=-1)
