@@ -80,6 +80,7 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._flush = False  # start batches without waiting for partners (draining: none will come)
 
     @property
     def depth(self) -> int:
@@ -127,9 +128,15 @@ class Batcher:
                 leader = self._queue[0]
                 batch = self._gather(leader)
                 due = leader.arrival + self.max_delay_s
-                if not self.combine or self._closed or now >= due or sum(job.images for job in batch) >= self.max_images:
+                if not self.combine or self._closed or self._flush or now >= due or sum(job.images for job in batch) >= self.max_images:
                     return self._start(batch)
                 self._cond.wait(min(due, min(job.deadline for job in self._queue)) - now)
+
+    def flush(self) -> None:
+        """From now on start every batch at once, with what is queued (no wait for partners)."""
+        with self._cond:
+            self._flush = True
+            self._cond.notify_all()
 
     def close(self, reason: str | None = None) -> None:
         """Accept nothing more; with `reason`, drop every queued job too (else the worker drains them)."""

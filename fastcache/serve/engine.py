@@ -194,6 +194,7 @@ class Engine:
         if self.state in ("ready", "loading", "warming", "created"):
             self.state = "draining"
             self.metrics.ready.set(0)
+            self.batcher.flush()  # no request will come to share a call with the queued ones
             logger.info("draining: %d queued, %d running", self.batcher.depth, len(self._running))
 
     def idle(self) -> bool:
