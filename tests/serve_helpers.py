@@ -54,6 +54,21 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def fastcache_reference() -> Iterator[Any]:
+    """The servers' default pipeline and fastcache settings, in this process, with the split run
+    eagerly (the servers' dynamo + eager backend runs the same ops: bit-identical)."""
+    import fastcache
+    from fastcache.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    handle = fastcache.accelerate(pipe, cache_interval=3, cache_branch_id=0, compile=False)
+    try:
+        yield pipe
+    finally:
+        handle.disable()
+
+
 def reference_image(pipe: Any, prompt: str, seed: int, steps: int, negative_prompt: str | None = None,
                     guidance_scale: float = 7.5, size: tuple[int, int] = (128, 128)) -> np.ndarray:
     """What the server's engine runs for one request alone, in this process: a fresh call."""

@@ -17,9 +17,6 @@ import openai
 import pytest
 import requests
 
-import fastcache
-from fastcache.tiny import tiny_sd_pipeline
-
 from .serve_helpers import (
     GENERATIONS,
     OpenRequest,
@@ -27,6 +24,7 @@ from .serve_helpers import (
     assert_batch_tolerance,
     busy_worker,
     decode_png,
+    fastcache_reference,
     gauge,
     metric,
     reference_image,
@@ -60,12 +58,8 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def reference_pipe():
-    """The server's pipeline and settings, in this process, with the split run eagerly (the
-    server's dynamo + eager backend runs the same ops: bit-identical)."""
-    pipe = tiny_sd_pipeline()
-    handle = fastcache.accelerate(pipe, cache_interval=3, cache_branch_id=0, compile=False)
-    yield pipe
-    handle.disable()
+    with fastcache_reference() as pipe:
+        yield pipe
 
 
 def post(server: ServerProcess, body: dict | None = None, *, raw: bytes | None = None, key: str | None = KEY,
