@@ -94,3 +94,13 @@ def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(server)
     assert "drained" in process.log_tail(200)
     with pytest.raises(requests.ConnectionError):
         requests.get(process.url + "/health", timeout=10)
+
+
+def test_a_model_that_cannot_load_ends_the_process_with_status_1(tmp_path):
+    process = ServerProcess(["--accelerator", "none", "--model", str(tmp_path / "no-such-model")]).start()
+    try:
+        assert process.process.wait(timeout=600) == 1
+    finally:
+        process.stop()
+    log = process.log_tail(200)
+    assert "loading or warming the pipeline failed" in log and "no-such-model" in log

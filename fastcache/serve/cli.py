@@ -65,6 +65,7 @@ def serve(config: ServeConfig) -> int:
     from .app import build_app
     from .engine import Engine
 
+    logger.info("settings: %s", config.public())
     engine = Engine(config)
     app = build_app(engine)
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, access_log=config.access_log,

@@ -326,9 +326,10 @@ class Engine:
         self._guidance_free = pipe.unet.config.time_cond_proj_dim is not None
         loaded_cache = self._load_compile_cache()
         self.accelerator = ACCELERATORS[config.accelerator](pipe, config)
-        self.state = "warming"
+        if self.state == "loading":  # not draining or stopping already
+            self.state = "warming"
         for width, height in self.sizes:
-            for batch_size in sorted(config.batch_sizes):
+            for batch_size in sorted(set(config.batch_sizes)):
                 if self.state != "warming":
                     return
                 self.accelerator.warm(width, height, batch_size, config.default_guidance_scale)
