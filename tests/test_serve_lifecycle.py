@@ -96,11 +96,14 @@ def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(server)
         requests.get(process.url + "/health", timeout=10)
 
 
-def test_a_model_that_cannot_load_ends_the_process_with_status_1(tmp_path):
-    process = ServerProcess(["--accelerator", "none", "--model", str(tmp_path / "no-such-model")]).start()
+@pytest.mark.parametrize("folder, reason", [("missing", "no such folder"), ("empty", "model_index.json")])
+def test_a_model_that_cannot_load_ends_the_process_with_status_1(tmp_path, folder, reason):
+    if folder == "empty":
+        (tmp_path / folder).mkdir()
+    process = ServerProcess(["--accelerator", "none", "--model", str(tmp_path / folder)]).start()
     try:
         assert process.process.wait(timeout=600) == 1
     finally:
         process.stop()
     log = process.log_tail(200)
-    assert "loading or warming the pipeline failed" in log and "no-such-model" in log
+    assert "loading or warming the pipeline failed" in log and reason in log

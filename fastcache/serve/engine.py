@@ -123,9 +123,12 @@ def load_pipeline(config: ServeConfig) -> Any:
         from fastcache.tiny import tiny_sd_pipeline
 
         return tiny_sd_pipeline(seed=0, device=device, dtype=dtype)
+    if not os.path.isdir(config.model):
+        raise FileNotFoundError(f"--model {config.model}: no such folder (a local diffusers pipeline folder, as "
+                                "save_pretrained writes it; the server never downloads)")
     from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = AutoPipelineForText2Image.from_pretrained(config.model, torch_dtype=dtype)
+    pipe = AutoPipelineForText2Image.from_pretrained(config.model, torch_dtype=dtype, local_files_only=True)
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise ValueError(f"{config.model} holds a {type(pipe).__name__}; the server serves SD 1.x/2.x and SDXL "
                          "text-to-image pipelines")
