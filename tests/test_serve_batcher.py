@@ -27,10 +27,18 @@ def test_compatible_jobs_join_the_oldest_and_the_rest_keep_arrival_order():
     a1.payload, b1.payload, a2.payload, a3.payload, a4.payload = "a1", "b1", "a2", "a3", "a4"
     for item in (a1, b1, a2, a3, a4):
         batcher.submit(item)
-    assert names(batcher.next_batch()) == ["a1", "a2", "a4"]  # a3's 3 images do not fit beside 2 (max 4)
-    assert names(batcher.next_batch()) == ["b1"]
-    assert names(batcher.next_batch()) == ["a3"]
+    first = batcher.next_batch()
+    assert names(first) == ["a1", "a2", "a4"]  # a3's 3 images do not fit beside 2 (max 4)
+    second = batcher.next_batch()
+    assert names(second) == ["b1"]
+    last = batcher.next_batch()
+    assert names(last) == ["a3"]
     assert batcher.depth == 0 and drops == []
+    assert not batcher.idle()  # handed out, not finished: a drain must wait for them
+    batcher.finished(first)
+    batcher.finished(second)
+    batcher.finished(last)
+    assert batcher.idle()
     assert all(item.state == "running" and item.future.running() for item in (a1, b1, a2, a3, a4))
 
 

@@ -81,10 +81,21 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self._flush = False  # start batches without waiting for partners (draining: none will come)
+        self._started = 0  # jobs handed to the worker and not yet `finished`
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    def idle(self) -> bool:
+        """Nothing queued, and every batch handed out is `finished`."""
+        with self._cond:
+            return not self._queue and self._started == 0
+
+    def finished(self, batch: list[Job]) -> None:
+        """The worker is done with `batch` (its futures are settled)."""
+        with self._cond:
+            self._started -= len(batch)
 
     def submit(self, job: Job) -> None:
         """Queue `job`; raises QueueFull or QueueClosed at once instead of waiting."""
@@ -164,6 +175,7 @@ class Batcher:
             if job.future.set_running_or_notify_cancel():
                 job.state = "running"
                 started.append(job)
+                self._started += 1
             else:  # its waiter cancelled the future between the scan and now
                 job.state, job.cancelled = "dropped", True
                 self._on_drop(job, "cancelled")

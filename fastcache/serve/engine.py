@@ -161,11 +161,9 @@ class Engine:
         self.accelerator: Accelerator | None = None
         self._guidance_free = False  # the U-Net embeds guidance (LCM-style): no CFG batch doubling
         self._ready = threading.Event()
-        self._running: list[Job] = []
         self._steps_seen: tuple[int, int] | None = None
         self._call_seconds = 1.0  # running mean of pipeline calls, for Retry-After
         self._calls = 0
-        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.batcher = Batcher(
             config.max_queue, config.images_per_call, config.max_batch_delay_ms / 1000.0, combine=config.batching,
@@ -198,11 +196,11 @@ class Engine:
             self.state = "draining"
             self.metrics.ready.set(0)
             self.batcher.flush()  # no request will come to share a call with the queued ones
-            logger.info("draining: %d queued, %d running", self.batcher.depth, len(self._running))
+            logger.info("draining: %d requests queued", self.batcher.depth)
 
     def idle(self) -> bool:
         """Nothing queued or running."""
-        return self.batcher.depth == 0 and not self._running
+        return self.batcher.idle()
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Drop what is still queued, let the running call finish, end the worker, restore the pipeline."""
@@ -389,8 +387,6 @@ class Engine:
         padding = [Work("", "" if key.negative else None, 0)] * (target - len(work))
         calls = work + padding
         self._calls += 1
-        with self._lock:
-            self._running = batch
         self.metrics.running.set(len(batch))
         self.metrics.batch_images.observe(len(work))
         self.metrics.batch_requests.observe(len(batch))
@@ -440,9 +436,8 @@ class Engine:
             self._call_seconds = 0.8 * self._call_seconds + 0.2 * seconds
             self.metrics.call_seconds.observe(seconds)
             self._count_steps()
-            with self._lock:
-                self._running = []
             self.metrics.running.set(0)
+            self.batcher.finished(batch)
 
     def _count_steps(self) -> None:
         counts = self.accelerator.step_counts() if self.accelerator is not None else None
