@@ -295,10 +295,8 @@ class Engine:
         try:
             self._load_and_warm()
         except BaseException as error:  # noqa: BLE001 - reported through state, /ready and the log
-            self.failure = f"{type(error).__name__}: {error}"
-            self.state = "failed"
             logger.exception("loading or warming the pipeline failed")
-            self.batcher.close(reason="shutdown")
+            self._fail(f"{type(error).__name__}: {error}")
             self._ready.set()
             return
         if self.state == "warming":  # not draining or stopped meanwhile
@@ -309,6 +307,10 @@ class Engine:
             while (batch := self.batcher.next_batch()) is not None:
                 if batch:
                     self._run(batch)
+        except BaseException as error:  # a bug outside the pipeline call: stop serving loudly, not hang
+            self._fail(f"the worker thread stopped: {type(error).__name__}: {error}")
+            logger.exception("the worker thread stopped")
+            raise
         finally:
             if self.accelerator is not None:
                 self.accelerator.close()
@@ -325,7 +327,7 @@ class Engine:
             native = pipe.unet.config.sample_size * pipe.vae_scale_factor
             self.sizes = ((native, native),)
         self._guidance_free = pipe.unet.config.time_cond_proj_dim is not None
-        loaded_cache = self._load_compile_cache()
+        cache_file_found = self._load_compile_cache()
         self.accelerator = ACCELERATORS[config.accelerator](pipe, config)
         if self.state == "loading":  # not draining or stopping already
             self.state = "warming"
@@ -339,7 +341,7 @@ class Engine:
         self.accelerator.warmed()
         self.metrics.watch_compilations(self.accelerator.compilations_since_warmup)
         self._steps_seen = self.accelerator.step_counts()
-        if not loaded_cache:
+        if not cache_file_found:
             self._save_compile_cache()
         self.metrics.warmup_seconds.set(time.perf_counter() - started)
         logger.info("ready: %s with %s, sizes %s, batch sizes %s, warmed in %.1f s", self.model_id,
@@ -347,6 +349,7 @@ class Engine:
                     time.perf_counter() - started)
 
     def _load_compile_cache(self) -> bool:
+        """Load --compile-cache before warm-up; True when the file exists (loaded or not: it is kept)."""
         path = self.config.compile_cache
         if path is None or self.config.accelerator != "fastcache" or not os.path.exists(path):
             return False
@@ -451,8 +454,12 @@ class Engine:
     def _check_health(self) -> None:
         problem = self.accelerator.healthy() if self.accelerator is not None else None
         if problem is not None:
-            self.failure = problem
-            self.state = "failed"
-            self.metrics.ready.set(0)
             logger.error("the engine stops serving: %s", problem)
-            self.batcher.close(reason="shutdown")
+            self._fail(problem)
+
+    def _fail(self, reason: str) -> None:
+        """Serve nothing more: /health and /ready say why, queued requests get 503, the CLI exits 1."""
+        self.failure = reason
+        self.state = "failed"
+        self.metrics.ready.set(0)
+        self.batcher.close(reason="shutdown")
