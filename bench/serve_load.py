@@ -16,7 +16,7 @@ then read its /metrics (compilations since warm-up, batch sizes, resident memory
 SIGTERM (its exit status is recorded). Latency is arrival to response at the client, p50/p90/p99;
 images/s is successful images over the phase's wall time; every non-200 is an error.
 ``--url`` drives an already running server instead. Results go to
-``<out>/serve-load-<preset>-<timestamp>.{json,md}`` and a sample image per server.
+``<out>/serve-load-<preset or --label>-<timestamp>.{json,md}`` and a sample image per server.
 """
 
 from __future__ import annotations
@@ -385,7 +385,8 @@ def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     env = meta["environment"]
     lines = [
-        f"# Serving load test: {meta['preset']}", "", f"`{meta['command']}`", "",
+        f"# Serving load test: {meta['label'] or meta['preset']}" + (f" at {meta['url']}" if meta['url'] else ""), "",
+        f"`{meta['command']}`", "",
         f"{env['device_name']}, {env['cpu_count']} CPUs, torch {env['versions']['torch']}, diffusers "
         f"{env['versions']['diffusers']}, DeepCache {env['versions']['DeepCache']}, fastcache "
         f"{env['versions']['fastcache']} (git {str(env['git_commit'])[:10]}"
@@ -435,6 +436,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, from {', '.join(SERVERS)}")
     parser.add_argument("--url", default=None, help="drive this running server instead of starting any")
     parser.add_argument("--api-key", default=None, help="for --url")
+    parser.add_argument("--label", default=None,
+                        help="names the result files serve-load-<label>-<time> (default: the preset; e.g. ray-2 "
+                             "for a --url run against two Ray replicas)")
     parser.add_argument("--concurrency", type=ints, default=[1, 4, 8], help="closed-loop levels")
     parser.add_argument("--requests", type=int, default=64, help="requests per closed-loop level")
     parser.add_argument("--rate", default="auto",
@@ -471,7 +475,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
         raise SystemExit(f"unknown servers {unknown}; choose from {', '.join(SERVERS)}")
     started = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
-    stem = f"serve-load-{args.preset}-{stamp}"
+    stem = f"serve-load-{args.label or args.preset}-{stamp}"
     settings = LoadSettings(args.prompt, args.steps, args.size, args.seed)
     env = environment(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     root = tempfile.mkdtemp(prefix="bench-serve-load-")
@@ -516,7 +520,8 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     meta = {
-        "command": "python -m bench " + shlex.join(argv), "preset": args.preset, "model": args.model,
+        "command": "python -m bench " + shlex.join(argv), "preset": args.preset, "label": args.label,
+        "url": args.url, "model": args.model,
         "steps": args.steps, "size": args.size, "concurrency": args.concurrency, "requests": args.requests,
         "open_requests": args.open_requests, "rate": args.rate, "soak_requests": args.soak_requests,
         "server_flags": base_flags, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),

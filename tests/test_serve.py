@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import openai
@@ -31,6 +34,7 @@ from .serve_helpers import (
     wait_for,
 )
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key-0123456789"
 FAULT = "please fail"
 STEPS = 4  # DDIM, interval 3: steps 0 and 3 refresh, 1 and 2 are cached
@@ -336,6 +340,20 @@ def test_probes_and_metrics_need_no_key_and_the_server_binds_loopback(server):
         pytest.skip("this machine has no address but loopback")
     with pytest.raises(requests.ConnectionError):  # not listening there: --host defaults to 127.0.0.1
         requests.get(f"http://{address}:{server.port}/health", timeout=10)
+
+
+def test_the_load_test_drives_a_running_server_with_url(server, tmp_path):
+    command = [sys.executable, "-m", "bench", "serve-load", "--url", server.url, "--api-key", KEY, "--label",
+               "smoke-url", "--steps", str(STEPS), "--concurrency", "1,2", "--requests", "3", "--open-requests", "3",
+               "--out", str(tmp_path)]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    [name] = [n for n in os.listdir(tmp_path) if n.startswith("serve-load-smoke-url-") and n.endswith(".json")]
+    with open(tmp_path / name) as handle:
+        result = json.load(handle)
+    assert list(result["servers"]) == ["target"] and result["meta"]["url"] == server.url
+    assert [(p["phase"], p["ok"], p["errors"]) for p in result["servers"]["target"]["phases"]][:2] == [
+        ("closed c=1", 3, 0), ("closed c=2", 3, 0)]
 
 
 def test_nothing_compiled_after_warmup(server):
