@@ -479,6 +479,8 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     settings = LoadSettings(args.prompt, args.steps, args.size, args.seed)
     env = environment(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     root = tempfile.mkdtemp(prefix="bench-serve-load-")
+    # SIGTERM as SystemExit, so that `finally` still stops the server it started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     servers: dict[str, dict[str, Any]] = {}
     samples: dict[str, str] = {}
     base_flags: list[str] = []
