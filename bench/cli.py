@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_host_overhead_arguments(commands.add_parser(
         "host-overhead", help="host time fastcache adds per U-Net call and pipeline call (no device work)"))
+    from .serve_load import add_arguments as add_serve_load_arguments
+
+    add_serve_load_arguments(commands.add_parser(
+        "serve-load", help="load-test `python -m fastcache serve`: diffusers, DeepCache, fastcache side by side"))
     return parser
 
 
@@ -246,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         from .restart import probe_main
 
         return probe_main(args)
+    if args.command == "serve-load":
+        from .serve_load import main as serve_load_main
+
+        return serve_load_main(args, argv)
     if args.command == "warm-restart":
         from .warm_restart import main as warm_restart_main
 

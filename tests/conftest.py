@@ -28,6 +28,9 @@ def pytest_configure(config):
         "markers",
         "cuda: needs a CUDA GPU; added to every test skipped for want of one (bench/gpu_check.py runs -m cuda)",
     )
+    config.addinivalue_line(
+        "markers", "slow: starts heavy processes (Ray Serve replicas, inductor compiles); CI runs it, -m 'not slow' skips it",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
