@@ -98,9 +98,9 @@ def _step_inputs(split: UNetSplit, kind: str, residuals: bool) -> StepInputs:
     if residuals:
         emb, context, hidden = split._embed(*inputs.args())
         skips = [hidden]
-        deepest = split._down(hidden, emb, context, skips, stop=None)
+        deepest = split._down(hidden, emb, context, None, skips, stop=None)
         inputs.added["down_residuals"] = tuple(torch.randn(s.shape, generator=generator) for s in skips)
-        inputs.added["mid_residual"] = torch.randn(split._mid(deepest, emb, context).shape, generator=generator)
+        inputs.added["mid_residual"] = torch.randn(split._mid(deepest, emb, context, None).shape, generator=generator)
     return inputs
 
 
