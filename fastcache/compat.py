@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .accelerate import FastCache
+from .accelerate import FastCache, accelerate
 from .config import FastCacheConfig
 from .errors import AlreadyAcceleratedError, InvalidConfigError
 
@@ -44,7 +44,7 @@ class DeepCacheSDHelper:
         self.params = dict(
             cache_interval=cache_interval, cache_branch_id=cache_branch_id, schedule=_SKIP_MODES[skip_mode], **options
         )
-        FastCacheConfig(**self.params).validate()
+        FastCacheConfig.from_options(**self.params).validate()
 
     def enable(self, pipe: Any = None) -> None:
         if pipe is not None:
@@ -53,7 +53,7 @@ class DeepCacheSDHelper:
             raise InvalidConfigError("DeepCacheSDHelper needs a pipeline: DeepCacheSDHelper(pipe=...) or enable(pipe)")
         if self.handle is not None and self.handle.enabled:
             raise AlreadyAcceleratedError("this DeepCacheSDHelper is already enabled; call disable() first")
-        self.handle = FastCache(self.pipe, FastCacheConfig(**self.params))
+        self.handle = accelerate(self.pipe, **self.params)
 
     def disable(self) -> None:
         if self.handle is not None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Sequence
 
 from .errors import InvalidConfigError
 from .schedule import RefreshSchedule, make_schedule
@@ -60,6 +60,38 @@ class FastCacheConfig:
     # timestep costs a GPU sync per step (host_timesteps.py). Same values, same images. Off until
     # measured on a GPU; ControlNet models still copy each step's timestep to the device.
     host_timesteps: bool = False
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "FastCacheConfig":
+        """The config `fastcache.accelerate(pipe, **options)` builds: the dataclass's fields by
+        name, with a list of refresh steps and a mapping of inductor options accepted as given."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise InvalidConfigError(
+                f"unknown option(s) {unknown}; fastcache.accelerate takes {', '.join(names)} "
+                "(FastCacheConfig's fields, docs/options.md)"
+            )
+        schedule = options.get("schedule")
+        if isinstance(schedule, (list, tuple, range)) or type(schedule).__name__ == "ndarray":
+            options["schedule"] = tuple(schedule)
+        if "compile_options" in options:
+            given = options["compile_options"]
+            if given is None:
+                options["compile_options"] = ()
+            elif isinstance(given, Mapping):
+                options["compile_options"] = tuple(sorted(given.items()))
+            else:
+                raise InvalidConfigError(
+                    f"compile_options must be a mapping of inductor option names to values, got {given!r}"
+                )
+        return cls(**options)
+
+    def compile_kwargs(self) -> dict[str, Any]:
+        """torch.compile's keyword arguments for every graph fastcache compiles."""
+        from .runtime import compile_kwargs
+
+        return compile_kwargs(self.compile_backend, self.compile_mode, dict(self.compile_options))
 
     def refresh_schedule(self) -> RefreshSchedule:
         """The validated schedule (raises InvalidConfigError on bad values)."""

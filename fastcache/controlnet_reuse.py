@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .errors import InvalidConfigError, UnsupportedInputError
 from .patching import InstancePatch
-from .runtime import StepInputs
+from .unet_call import StepInputs
 
 logger = logging.getLogger("fastcache")
 

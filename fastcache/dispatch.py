@@ -33,7 +33,7 @@ from typing import Any, Hashable
 import numpy as np
 import torch
 
-from .schedule import RefreshSchedule
+from .schedule import ExplicitSchedule, RefreshSchedule
 
 logger = logging.getLogger("fastcache")
 
@@ -116,6 +116,7 @@ class StepDispatcher:
         self.schedule = schedule
         self._forced: RefreshSchedule | None = None
         self._warned_few_steps = False
+        self._warned_steps_past: set[int] = set()
         self.rearm()
 
     def rearm(self) -> None:
@@ -143,6 +144,7 @@ class StepDispatcher:
         refresh, self.step, self._num_steps, self._numbers, self._step_refreshes = self._decide(scheduler, shape_key)
         if self.step == 0:  # warns once per handle (step 0 of Heun's second evaluation too)
             self._warn_if_few_steps(self._forced or self.schedule)
+            self._warn_steps_past()
         if refresh:
             self._refreshed_key = shape_key
         return refresh
@@ -171,6 +173,21 @@ class StepDispatcher:
             step_refreshes = number == 0 or schedule.is_refresh(number, num_steps)
         refresh = step_refreshes or shape_key != self._refreshed_key
         return refresh, step, num_steps, numbers, step_refreshes
+
+    def _warn_steps_past(self) -> None:
+        """An explicit schedule's steps that this call never reaches: said once per call length."""
+        schedule, num_steps = self.schedule, self._num_steps
+        if (self._forced is not None or not isinstance(schedule, ExplicitSchedule) or num_steps is None
+                or num_steps in self._warned_steps_past):
+            return
+        past = schedule.steps_past(num_steps)
+        if past:
+            self._warned_steps_past.add(num_steps)
+            logger.warning(
+                "schedule refresh step(s) %s are past the %d steps of this call and never run: it refreshes "
+                "at steps %s only (steps count from 0 in each call). Said once per number of steps.",
+                past, num_steps, sorted(step for step in schedule.steps | {0} if step < num_steps),
+            )
 
     def _warn_if_few_steps(self, schedule: RefreshSchedule) -> None:
         if self._forced is not None or self._warned_few_steps or not schedule.caches:

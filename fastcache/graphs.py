@@ -66,8 +66,8 @@ import torch
 from torch import Tensor
 
 from .recording import Recording
-from .runtime import CompiledFunctions, MemoryReport, Runner, StepInputs, not_warmed_error, tensor_bytes
-from .unet_split import UNetSplit
+from .runtime import CompiledFunctions, MemoryReport, Runner, Split, not_warmed_error, tensor_bytes
+from .unet_call import StepInputs
 
 # Runs of each function before capture: the first compiles and autotunes, the second lets lazy
 # initialisation (cuDNN/cuBLAS handles, allocator growth) settle outside the graph.
@@ -224,13 +224,12 @@ class GraphRunner(Runner):
     """Replays captured graphs of the (compiled or eager) split; see the module docstring."""
 
     def __init__(
-        self, split: UNetSplit, compiled: CompiledFunctions | None, emulate: bool = False, strict: bool = False
+        self, split: Split, compiled: CompiledFunctions | None, emulate: bool = False
     ) -> None:
         super().__init__()
         self.split = split
         self.compiled = compiled
         self.emulate = emulate
-        self.allow_new_shapes = not strict
         self.captures = 0
         self._shapes: dict[Hashable, ShapeGraphs] = {}
         self._pool: Any = None  # one graph memory pool for every capture (CUDA only)

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .runtime import host_tensor
+from .unet_call import host_tensor
 
 
 def is_lora_layer(module: Any) -> bool:
@@ -113,9 +113,6 @@ class LoraScales:
         # CUDA: recorded on the caller's stream after each run, which read the buffer; the next
         # run's writes wait for it, whichever stream they are queued on.
         self._last_run: Any = None
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
     @contextlib.contextmanager
     def applied(self, lora_scale: float | torch.Tensor = 1.0) -> Iterator[None]:

@@ -13,14 +13,18 @@ change is made, and a call only pays for the full fingerprint after one of them 
 * diffusers' U-Net entry points that change state in place (`WATCHED_METHODS`: PEFT's adapter
   switches, fuse/unfuse, processor and backend setters, FreeU, QKV fusion, and ``_apply``, through
   which ``.to()``, ``.half()`` and ``.cuda()`` move weights to new storage): wrapped as instance
-  attributes, like fastcache's ``forward``, and restored by `close`;
+  attributes, like fastcache's ``forward``, and restored by `close`; and the pipeline's own
+  loaders that edit the U-Net's layers directly (``unfuse_lora``...), which fastcache's
+  accelerated pipeline class reports with `note` (install.py);
 * what can be changed on sub-modules directly, read at every call (`probe`): each attention
   module's processor object, its IP-Adapter scales and attention backend, FreeU's factors, each
   transformer block's chunking, and the storage, device and dtype of the input convolution's
   weight. A few dict reads per attention module: about 3 us for SD 1.5 and 10 us for SDXL.
 
-Not seen: PEFT's functions called on single layers and ``param.data = ...`` on an inner weight;
-`FastCache.reset()` always runs the full fingerprint for such cases.
+Not seen: PEFT's functions called on single layers, and ``param.data = tensor`` on a weight other
+than the first (torch has no hook for it; ``load_state_dict(assign=True)``, assigning a new
+Parameter and ``.to()`` are seen). `FastCache.reset()`, and every U-Net call of a custom loop that
+does not use it, take the full fingerprint, which sees those too.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ WATCHED_METHODS = (
     "disable_lora", "fuse_lora", "unfuse_lora", "unload_lora", "delete_adapters", "load_lora_adapter",
     "set_attn_processor", "set_default_attn_processor", "set_attention_backend", "reset_attention_backend",
     "enable_freeu", "disable_freeu", "fuse_qkv_projections", "unfuse_qkv_projections",
-    "_load_ip_adapter_weights", "_apply",
+    "_load_ip_adapter_weights", "enable_layerwise_casting", "enable_group_offload", "_apply",
 )
 
 
@@ -108,6 +112,11 @@ class ModelWatch:
             tuple(tuple(b.__dict__.get(k) for k in ("s1", "s2", "b1", "b2")) for b in self._up_blocks),
             None if weight is None else (weight.data_ptr(), weight.device, weight.dtype),
         )
+
+    def note(self) -> None:
+        """Something changed the model through a tracked point outside the U-Net (a pipeline
+        method of install.PIPELINE_WATCHED_METHODS)."""
+        self.version += 1
 
     # -- the handle's side ---------------------------------------------------------------------
     def changed(self) -> bool:

@@ -1,6 +1,6 @@
-"""Runtime mechanics: the inputs of one U-Net call, and the runners that execute the split.
+"""Runtime mechanics: the runners that execute a split, compiled or not.
 
-A runner executes a `UNetSplit` for one shape key at a time: ``refresh`` runs the full function
+A runner executes a `Split` (two functions, full and shallow) for one shape key at a time: ``refresh`` runs the full function
 and keeps its features, ``cached`` runs the shallow function on them. Three runners:
 
 * `EagerRunner`: the split as plain PyTorch; the exact reference path (``compile=False``).
@@ -11,45 +11,42 @@ and keeps its features, ``cached`` runs the shallow function on them. Three runn
   runs).
 * `GraphRunner` (in graphs.py): the compiled functions captured as CUDA Graphs per shape key.
 
-None of them knows U-Net structure (unet_split.py) or when to refresh (dispatch.py).
+None of them knows U-Net structure (unet_split.py), diffusers' call conventions (unet_call.py)
+or when to refresh (dispatch.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Protocol
 
 import torch
 from torch import Tensor
 
 from .errors import ShapeLimitError, ShapeNotWarmedError
-from .unet_split import ADDED_CONDITIONS, UNetSplit, ip_adapter_masks
+from .unet_call import StepInputs
+
+
+class Split(Protocol):
+    """What a runner runs: two functions of the same inputs (unet_split.UNetSplit is the one).
+
+    ``full(sample, timestep, encoder_hidden_states, added) -> (noise, kept)`` runs the whole model
+    and returns the features the cached steps reuse; ``shallow(..., kept) -> noise`` runs only
+    the part that stays live on a cached step.
+    """
+
+    def full(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
+             added: Mapping[str, Any]) -> tuple[Tensor, Tensor]: ...
+
+    def shallow(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
+                added: Mapping[str, Any], kept: Tensor) -> Tensor: ...
 
 # Per compiled function of one handle: how many shape keys it compiles. A new key past it raises
 # ShapeLimitError without calling dynamo (whose own limit, set to the same number for fastcache's
 # calls only, is never the one that decides); see FastCache._run for what runs such a shape.
 RECOMPILE_LIMIT = 64
-
-
-def host_tensor(values: Any, device: torch.device) -> torch.Tensor:
-    """`values` as a float32 host tensor that copies to `device` without a host-device sync.
-
-    A copy from pageable host memory to a CUDA device waits for the stream to drain; one from
-    pinned memory with ``non_blocking=True`` does not, and torch's pinned-memory allocator keeps
-    the block alive until the copy has run, so the tensor may be dropped at once.
-    """
-    tensor = torch.tensor(values, dtype=torch.float32)
-    return tensor.pin_memory() if device.type == "cuda" else tensor
-
-
-def host_tensor_to(tensor: Tensor, device: torch.device) -> Tensor:
-    """`tensor` copied to `device`; from the CPU to a CUDA device through pinned memory with
-    ``non_blocking=True``, so the copy does not wait for the GPU (see `host_tensor`)."""
-    if tensor.device.type == "cpu" and device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 @contextlib.contextmanager
@@ -80,100 +77,6 @@ def without_inference_tensors(value: Any) -> Any:
     if isinstance(value, dict):
         return {name: without_inference_tensors(item) for name, item in value.items()}
     return value
-
-
-@dataclass
-class StepInputs:
-    """The tensors of one U-Net call, normalised so that equal shape keys trace the same graph.
-
-    The timestep becomes a ``(batch,)`` float32 tensor on the sample's device (diffusers' time
-    projection casts it to float32 anyway, so values are unchanged), built without a host-device
-    sync: a device timestep stays on the device, a Python number or CPU tensor is written there
-    from the host (never a pageable copy, which would wait for the GPU).
-    """
-
-    sample: Tensor
-    timestep: Tensor
-    encoder_hidden_states: Tensor
-    added: dict[str, Any] = field(default_factory=dict)  # keys from ADDED_CONDITIONS
-
-    @classmethod
-    def from_unet_call(
-        cls,
-        sample: Tensor,
-        timestep: Tensor | float | int,
-        encoder_hidden_states: Tensor,
-        added_cond_kwargs: Mapping[str, Tensor] | None = None,
-        timestep_cond: Tensor | None = None,
-        down_residuals: Sequence[Tensor] | None = None,
-        mid_residual: Tensor | None = None,
-        masks: Any = None,
-    ) -> "StepInputs":
-        """`masks`: ``cross_attention_kwargs["ip_adapter_masks"]``; masks on another device than
-        the sample (diffusers leaves them on the CPU) are copied to it, from pinned memory."""
-        batch, device = sample.shape[0], sample.device
-        if torch.is_tensor(timestep) and timestep.device != device and timestep.device.type == "cpu":
-            if timestep.numel() == 1:
-                timestep = float(timestep)  # a host value: read on the host, filled on the device
-            else:  # pinned, so that the copy does not wait for the GPU (host_tensor)
-                timestep = host_tensor(timestep.reshape(-1).tolist(), device).to(device, non_blocking=True)
-        if torch.is_tensor(timestep):
-            timestep = timestep.to(device=device, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
-        else:
-            timestep = torch.full((batch,), float(timestep), dtype=torch.float32, device=device)
-        added = {
-            name: tuple(value) if isinstance(value, list) else value
-            for name, value in (added_cond_kwargs or {}).items()
-            if value is not None
-        }
-        if timestep_cond is not None:
-            added["timestep_cond"] = timestep_cond
-        if down_residuals is not None:
-            added["down_residuals"] = tuple(down_residuals)
-        if mid_residual is not None:
-            added["mid_residual"] = mid_residual
-        if masks is not None:
-            added["ip_adapter_masks"] = tuple(
-                mask if mask is None or mask.device == device else host_tensor_to(mask, device)
-                for mask in ip_adapter_masks(masks)
-            )
-        return cls(sample, timestep, encoder_hidden_states, added)
-
-    def clone(self) -> "StepInputs":
-        """Fresh copies of every tensor (static buffers for graph capture)."""
-
-        def copy(value: Any) -> Any:
-            return tuple(t if t is None else t.clone() for t in value) if isinstance(value, tuple) else value.clone()
-
-        return StepInputs(
-            self.sample.clone(), self.timestep.clone(), self.encoder_hidden_states.clone(),
-            {name: copy(value) for name, value in self.added.items()},
-        )
-
-    def tensors(self) -> dict[str, Tensor]:
-        """Every tensor by a flat name, in a fixed order (a None entry of a tuple, an unmasked
-        IP-Adapter, has no name: the names present tell the shape keys apart)."""
-        named = {
-            "sample": self.sample,
-            "timestep": self.timestep,
-            "encoder_hidden_states": self.encoder_hidden_states,
-        }
-        for name in ADDED_CONDITIONS:
-            value = self.added.get(name)
-            if isinstance(value, tuple):
-                named.update((f"{name}.{index}", tensor) for index, tensor in enumerate(value) if tensor is not None)
-            elif value is not None:
-                named[name] = value
-        return named
-
-    def key(self) -> Hashable:
-        """What a compiled graph specialises on: the device, shapes and dtypes of every input."""
-        return (str(self.sample.device),) + tuple(
-            (name, tuple(tensor.shape), tensor.dtype) for name, tensor in self.tensors().items()
-        )
-
-    def args(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
-        return self.sample, self.timestep, self.encoder_hidden_states, self.added
 
 
 def describe_key(key: Hashable) -> str:
@@ -278,7 +181,7 @@ class EagerRunner(Runner):
     a server sees the same refusals with ``compile=False`` as with its compiled configuration.
     """
 
-    def __init__(self, split: UNetSplit) -> None:
+    def __init__(self, split: Split) -> None:
         super().__init__()
         self.split = split
         self._ran: set[Hashable] = set()
@@ -339,13 +242,12 @@ class CompiledFunctions:
     process-wide compiler stance and other threads' functions are never touched.
     """
 
-    def __init__(self, split: UNetSplit, options: Mapping[str, Any], strict: bool) -> None:
+    def __init__(self, split: Split, options: Mapping[str, Any]) -> None:
         """`options`: torch.compile's keyword arguments (`compile_kwargs`)."""
         self.functions: dict[str, Callable[..., Any]] = {
             "full": torch.compile(split.full, **options),
             "shallow": torch.compile(split.shallow, **options),
         }
-        self.strict = strict
         self.compiled: dict[str, set[Hashable]] = {"full": set(), "shallow": set()}
 
     @property
@@ -356,7 +258,8 @@ class CompiledFunctions:
         return key in self.compiled[which]
 
     def call(self, which: str, key: Hashable, allow_new: bool, *args: Any) -> Any:
-        """Run `which` at `key`; `allow_new`: whether a new key may be compiled now."""
+        """Run `which` at `key`; `allow_new`: whether a new key may be compiled now. When it may
+        not (strict serving), a known key may not be compiled again either."""
         known = key in self.compiled[which]
         if not known and not allow_new:
             raise not_warmed_error(key, which, self.compiled["full"])
@@ -365,7 +268,7 @@ class CompiledFunctions:
         from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
 
         try:
-            with dynamo_policy(fail_on_recompile=self.strict and known):
+            with dynamo_policy(fail_on_recompile=known and not allow_new):
                 result = self.functions[which](*args)
         except RecompileError as error:  # strict serving, a known key whose guards failed
             raise ShapeNotWarmedError(
@@ -438,7 +341,6 @@ class CompiledRunner(Runner):
     def __init__(self, compiled: CompiledFunctions) -> None:
         super().__init__()
         self.compiled = compiled
-        self.allow_new_shapes = not compiled.strict
 
     def is_prepared(self, key: Hashable, refresh: bool) -> bool:
         return self.compiled.is_compiled("full" if refresh else "shallow", key)

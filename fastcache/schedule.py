@@ -20,8 +20,6 @@ from .errors import InvalidConfigError
 
 logger = logging.getLogger("fastcache")
 
-SCHEDULE_NAMES = ("uniform", "quadratic")
-
 
 class RefreshSchedule:
     """Decides whether step `step` of a call with `num_steps` steps refreshes the cache."""

@@ -24,43 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidConfigError, UnsupportedPipelineError
-
-# Inputs a split understands besides sample, timestep and text embeddings, passed in one mapping:
-# SDXL's added conditions (``added_cond_kwargs``), LCM's ``timestep_cond``, and ControlNet's
-# residuals (``down_residuals``: a tuple with one tensor per skip connection, ``mid_residual``),
-# IP-Adapter image embeddings (``image_embeds``: a tuple with one tensor per adapter) and masks
-# (``ip_adapter_masks``: a tuple with one tensor, or None for an unmasked adapter, per adapter).
-ADDED_CONDITIONS = (
-    "text_embeds", "time_ids", "timestep_cond", "down_residuals", "mid_residual", "image_embeds", "ip_adapter_masks",
-)
-# The ones that arrive in the U-Net call's ``added_cond_kwargs`` (the others have arguments of their own).
-ADDED_COND_KWARGS = ("text_embeds", "time_ids", "image_embeds")
-# The one kind of encoder_hid_proj a split supports: IP-Adapter's image projection, which turns
-# the text context into a (text, [image tokens per adapter]) tuple for the attention processors.
-IP_ADAPTER_PROJECTION = "ip_image_proj"
-# The keys of a U-Net call's ``cross_attention_kwargs`` a split handles: LoRA's ``scale`` (applied
-# through the LoRA scale buffer, lora.py) and IP-Adapter masks (an input, `ip_adapter_masks`).
-CROSS_ATTENTION_KWARGS = ("scale", "ip_adapter_masks")
-
-
-def ip_adapter_masks(masks: Any) -> tuple[Tensor | None, ...]:
-    """``cross_attention_kwargs["ip_adapter_masks"]`` as one entry per adapter, as diffusers'
-    IP-Adapter attention processors read it: a list as given (a ``(1, images, h, w)`` tensor, or
-    None for an unmasked adapter, per adapter), or a ``(adapters, 1, h, w)`` tensor split into
-    ``list(masks.unsqueeze(1))`` (their backward-compatible form).
-
-    Raises ValueError, as the processors would, for an entry of another kind: checked here, before
-    a graph is compiled with it, so that it is the same error in every runtime.
-    """
-    entries = tuple(masks.unsqueeze(1)) if torch.is_tensor(masks) else tuple(masks)
-    for entry in entries:
-        if entry is not None and not (torch.is_tensor(entry) and entry.ndim == 4):
-            raise ValueError(
-                "each entry of ip_adapter_masks must be None or a (1, images, height, width) tensor "
-                f"(IPAdapterMaskProcessor.preprocess makes them); got {type(entry).__name__}"
-                + (f" of shape {tuple(entry.shape)}" if torch.is_tensor(entry) else "")
-            )
-    return entries
+from .unet_call import IP_ADAPTER_PROJECTION
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import ast
 import contextlib
 import importlib.util
 import os
+import threading
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -38,9 +39,13 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: fl
 
 def assert_untouched(pipe: Any) -> None:
     """The pipeline carries no trace of fastcache or DeepCache."""
+    from fastcache.model_watch import WATCHED_METHODS
+
     assert getattr(type(pipe), "_fastcache_handle", None) is None, "pipeline class still swapped"
     forward = vars(pipe.unet).get("forward")
     assert forward is None or forward == type(pipe.unet).forward.__get__(pipe.unet), "unet.forward still patched"
+    left = sorted(set(WATCHED_METHODS) & set(vars(pipe.unet)))
+    assert not left, f"the model watch's wrappers are still on the U-Net: {left}"
 
 
 @contextlib.contextmanager
@@ -128,3 +133,25 @@ def controlnet_pipeline(kind: str) -> Any:
         dict(image=[control_image(1), control_image(2)]) if kind == "sd-multi" else dict(image=control_image())
     )
     return pipe
+
+
+class Worker(threading.Thread):
+    """Runs `target` on a thread of its own, keeping its result or exception for `outcome()`."""
+
+    def __init__(self, target):
+        super().__init__(daemon=True)
+        self._work, self._result, self._error = target, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self._result = self._work()
+        except BaseException as error:  # noqa: BLE001 (raised again by outcome())
+            self._error = error
+
+    def outcome(self, timeout=600):
+        self.join(timeout)
+        assert not self.is_alive(), "the thread is still running"
+        if self._error is not None:
+            raise self._error
+        return self._result

@@ -320,7 +320,8 @@ def test_host_overhead_measures_the_presets_unet_without_device_work():
     assert row.modules == len(list(unet.modules())) == 709
     assert row.tensors == len(list(unet.parameters())) + len(list(unet.buffers()))
     assert row.steps == 3
-    for value in (row.fingerprint_ms, row.unet_call_after_reset_us, row.unet_call_unmanaged_us, row.pipeline_call_ms):
+    for value in (row.fingerprint_ms, row.model_check_us, row.unet_call_after_reset_us, row.unet_call_unmanaged_us,
+                  row.pipeline_call_ms):
         assert math.isfinite(value) and value > 0
     text = markdown(dict(command="c", environment=dict(device_name="cpu", cpu_count=2, python="3", git_commit="x",
                                                         fastcache_dirty=False, versions=dict(torch="t", diffusers="d")),

@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastcache.host_timesteps import timesteps_on_host
-from fastcache.runtime import StepInputs
+from fastcache.unet_call import StepInputs
 from fastcache.tiny import tiny_sd_pipeline
 
 from .helpers import accelerated, deepcache_latents, latents
@@ -194,7 +194,7 @@ def test_cuda_lora_scales_that_are_device_tensors_never_synchronise():
 @cuda
 @torch.no_grad()
 def test_cuda_scale_uploads_never_synchronise():
-    from fastcache.runtime import host_tensor
+    from fastcache.unet_call import host_tensor
 
     buffer = torch.zeros(3, device="cuda")
     torch.cuda.synchronize()

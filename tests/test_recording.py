@@ -10,7 +10,7 @@ import torch
 
 from fastcache.recording import Recording
 from fastcache.tiny import tiny_sd_unet
-from fastcache.runtime import StepInputs
+from fastcache.unet_call import StepInputs
 from fastcache.unet_split import UNetSplit
 
 

@@ -33,7 +33,7 @@ from fastcache.errors import (
 from fastcache.schedule import make_schedule
 from fastcache.tiny import tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_unet
 
-from .helpers import accelerated, assert_close_relative, assert_untouched, deepcache_latents, latents, max_diff
+from .helpers import Worker, accelerated, assert_close_relative, assert_untouched, deepcache_latents, latents, max_diff
 
 # fastcache against DeepCache's helper (the same computation, other op order): 1e-5 relative.
 DEEPCACHE_RTOL = 1e-5
@@ -43,28 +43,6 @@ RUNTIMES = {
     "emulated-graphs": dict(compile=False, emulate_graphs=True),
     "compiled": dict(compile_backend="eager"),
 }
-
-
-class _Worker(threading.Thread):
-    """Runs `target` on a thread of its own, keeping its result or exception for `outcome()`."""
-
-    def __init__(self, target):
-        super().__init__(daemon=True)
-        self._work, self._result, self._error = target, None, None
-        self.start()
-
-    def run(self):
-        try:
-            self._result = self._work()
-        except BaseException as error:  # noqa: BLE001 (raised again by outcome())
-            self._error = error
-
-    def outcome(self, timeout=600):
-        self.join(timeout)
-        assert not self.is_alive(), "the thread is still running"
-        if self._error is not None:
-            raise self._error
-        return self._result
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +98,7 @@ def test_strict_serving_leaves_another_threads_compiled_function_alone(sd_pipe, 
                     other_done.set()
 
             _hold_first_call(handle, "full", hold)
-            other = _Worker(other_thread)
+            other = Worker(other_thread)
             actual = latents(sd_pipe, steps=4)
             first, second = other.outcome()
         assert torch.equal(first, torch.ones(2)) and torch.equal(second, torch.ones(3))
@@ -159,7 +137,7 @@ def test_two_strict_handles_in_two_threads_leave_torch_as_they_found_it(sd_pipe,
 
         _hold_first_call(handles[0], "full", hold_a)
         _hold_first_call(handles[1], "full", hold_b)
-        threads = [_Worker(run_a), _Worker(lambda: latents(sdxl_pipe, steps=4))]
+        threads = [Worker(run_a), Worker(lambda: latents(sdxl_pipe, steps=4))]
         actual = [thread.outcome() for thread in threads]
         for handle in handles:
             handle.disable()
@@ -355,7 +333,7 @@ def test_a_direct_unet_call_from_another_thread_waits_for_the_pipeline_call(sd_p
             calling.set()
             return sd_pipe.unet(*args).sample
 
-        direct = _Worker(direct_call)
+        direct = Worker(direct_call)
         actual = latents(sd_pipe, seed=1, steps=6, callback_on_step_end=hold)
         noise = direct.outcome()
     with torch.no_grad():
