@@ -8,8 +8,10 @@ import warnings
 import pytest
 import torch
 
-# Two cores in CI: keep torch from oversubscribing them.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two cores in CI, shared by pytest-xdist's workers (README runs -n 2): keep torch from
+# oversubscribing them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
