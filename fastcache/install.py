@@ -202,6 +202,16 @@ class Installation:
         return [self.pipe] + [pipe for pipe, _ in self.attached]
 
     def attach(self, pipe: Any) -> None:
+        """Patch `pipe`, another pipeline with this U-Net, to run through the handle too."""
+        if getattr(pipe, "unet", None) is not self.unet:
+            raise UnsupportedPipelineError(
+                f"attach() needs a pipeline that shares this handle's U-Net (pipe.unet is the same "
+                f"object); {type(pipe).__name__}'s U-Net is another one: accelerate it on its own"
+            )
+        if pipe is self.pipe or handle_of(pipe) is not None:
+            raise AlreadyAcceleratedError(f"this {type(pipe).__name__} is already accelerated by fastcache")
+        if not hasattr(pipe, "scheduler"):
+            raise UnsupportedPipelineError(f"{type(pipe).__name__} has no scheduler")
         original = type(pipe)
         pipe.__class__ = accelerated_class(original, self.handle)
         self.attached.append((pipe, original))

@@ -53,6 +53,13 @@ def make_runner(split: Split, config: FastCacheConfig, device: torch.device) -> 
     return runner
 
 
+def runtime_name(runner: Runner) -> str:
+    """What runs the U-Net: "eager", "compiled", "cuda-graphs" or "emulated-graphs"."""
+    if isinstance(runner, GraphRunner):
+        return "emulated-graphs" if runner.emulate else "cuda-graphs"
+    return "compiled" if isinstance(runner, CompiledRunner) else "eager"
+
+
 class ShapeRunner:
     """The handle's runner plus the eager fallback, and the shapes each has served."""
 

@@ -81,7 +81,7 @@ def test_custom_loops_check_the_model_every_call_until_reset_then_at_reset(sd_pi
     """A model change (here a weight given new storage) is noticed by the next direct U-Net call
     of a loop that never called reset(); once reset() is used, it is noticed there and the
     per-call fingerprint (0.65 ms for SD 1.5's U-Net) leaves the steps."""
-    accelerate_module = importlib.import_module("fastcache.accelerate")  # the package re-exports the function
+    accelerate_module = importlib.import_module("fastcache.model_change")  # where the handle fingerprints
     checks: list[int] = []
     fingerprint = accelerate_module.model_fingerprint
     monkeypatch.setattr(accelerate_module, "model_fingerprint", lambda model: checks.append(1) or fingerprint(model))
