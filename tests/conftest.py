@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,10 @@ import torch
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+# Seconds per test on 2 cores under README's command (python -m pytest -q -n 2 --record-durations).
+DURATIONS = Path(__file__).with_name("durations.json")
+SLOW_SECONDS = 1.5
 
 from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
 
@@ -31,16 +37,47 @@ def pytest_configure(config):
         "cuda: needs a CUDA GPU; added to every test skipped for want of one (bench/gpu_check.py runs -m cuda)",
     )
     config.addinivalue_line(
-        "markers", "slow: starts heavy processes (Ray Serve replicas, inductor compiles); CI runs it, -m 'not slow' skips it",
+        "markers", "slow: took more than SLOW_SECONDS in tests/durations.json; CI runs it, -m 'not slow' skips it",
     )
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", action="store_true",
+                     help=f"write every test's seconds (setup + call + teardown) to {DURATIONS.name}, "
+                          "which marks the slow tests and orders the files")
 
 
 def pytest_collection_modifyitems(config, items):
     """Mark `cuda` every test whose skipif says it needs a CUDA GPU, so that the one-shot GPU check
-    selects them all with ``-m cuda`` wherever they live, on a GPU (not skipped) as on a CPU."""
+    selects them all with ``-m cuda`` wherever they live, on a GPU (not skipped) as on a CPU.
+
+    Mark `slow` every test that took more than SLOW_SECONDS in the recorded run (durations.json:
+    the inductor compiles, the server and subprocess tests, the long parities), so that
+    ``-m "not slow"`` is a fast tier. Run the files that took longest first: with ``-n 2 --dist
+    loadfile`` (README's command) no long file is left to run alone at the end."""
+    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    file_seconds: dict[str, float] = {}
     for item in items:
         if any("CUDA" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.cuda)
+        if seconds.get(item.nodeid, 0.0) > SLOW_SECONDS:
+            item.add_marker(pytest.mark.slow)
+        path = item.nodeid.split("::")[0]
+        file_seconds[path] = file_seconds.get(path, 0.0) + seconds.get(item.nodeid, 0.0)
+    items.sort(key=lambda item: -file_seconds[item.nodeid.split("::")[0]])  # stable: file order kept
+
+
+_recorded: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    _recorded[report.nodeid] = _recorded.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    """With --record-durations, the controller (not an xdist worker) writes what every test took."""
+    if session.config.getoption("record_durations") and not hasattr(session.config, "workerinput"):
+        DURATIONS.write_text(json.dumps({nodeid: round(t, 2) for nodeid, t in sorted(_recorded.items())}, indent=0) + "\n")
 
 
 @pytest.fixture(scope="session")
