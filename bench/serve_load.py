@@ -338,7 +338,7 @@ def _model_folder(args: argparse.Namespace, root: str) -> str | None:
         return None
     import torch
 
-    from .args import dtype as torch_dtype
+    from .args import torch_dtype
     from .presets import get_preset
 
     folder = os.path.join(root, args.preset)

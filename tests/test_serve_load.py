@@ -66,3 +66,23 @@ def test_report_files_and_sample_images(smoke):
     assert np.array_equal(images["fastcache"], images["fastcache-no-batching"])  # one request alone: batch 1
     assert np.abs(images["fastcache"] - images["deepcache"]).max() <= 1  # the same algorithm as DeepCache
     assert np.abs(images["fastcache"] - images["diffusers"]).max() > 1  # caching changes this random model's image
+
+
+def test_a_preset_other_than_tiny_is_saved_as_a_folder_the_servers_load(tmp_path):
+    """Every preset but tiny is saved with save_pretrained for the servers' --model (here the
+    smallest, tiny-sdxl); loading it back gives the preset's U-Net, weight for weight."""
+    import argparse
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from bench.serve_load import _model_folder
+
+    folder = _model_folder(argparse.Namespace(model=None, preset="tiny-sdxl", seed=0), str(tmp_path))
+    loaded = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    from bench.presets import get_preset
+
+    built = get_preset("tiny-sdxl").build(torch.device("cpu"), torch.float32, 0)
+    assert type(loaded).__name__ == "StableDiffusionXLPipeline"
+    for (name, expected), (_, actual) in zip(built.unet.state_dict().items(), loaded.unet.state_dict().items()):
+        assert torch.equal(expected, actual), name
