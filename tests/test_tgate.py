@@ -121,13 +121,22 @@ def test_pndm_counts_steps_as_the_package(sd_pipe):
         sd_pipe.scheduler = scheduler
 
 
-def test_guidance_rescale_and_batches_match_the_package(sd_pipe):
-    """num_images_per_prompt=2 (the gate's mean is per image), a negative prompt, guidance rescale
-    before the gate (after it, the pipeline's rescale of identical halves rounds at most an ulp)."""
-    call = dict(num_images_per_prompt=2, negative_prompt="blurry", guidance_rescale=0.7, guidance_scale=5.0)
+def test_batches_and_negative_prompts_match_the_package(sd_pipe):
+    """num_images_per_prompt=2 (the gate's mean is per image) and a negative prompt."""
+    call = dict(num_images_per_prompt=2, negative_prompt="blurry", guidance_scale=5.0)
     expected = tgate_latents(sd_pipe, 3, 0, 4, **call)
     actual, _ = fastcache_latents(sd_pipe, 3, 0, 4, compile=False, call=call)
     assert max_diff(actual, expected) <= PACKAGE_TOLERANCE
+
+
+def test_guidance_rescale_matches_the_package_to_rounding(sd_pipe):
+    """Guidance rescale applies before the gate only, in the package. After it, diffusers' own
+    loop rescales fastcache's two identical halves: ``g * n + (1 - g) * n``, n up to rounding (an
+    ulp or two of the latents: 7.6e-6 here, latents up to 39), so the bound is relative 1e-6."""
+    call = dict(guidance_rescale=0.7, guidance_scale=5.0)
+    expected = tgate_latents(sd_pipe, 3, 0, 4, **call)
+    actual, _ = fastcache_latents(sd_pipe, 3, 0, 4, compile=False, call=call)
+    assert_close_relative(actual, expected, 1e-6)
 
 
 def test_package_keeps_stale_attention_caches_fastcache_does_not(sd_pipe):
@@ -252,3 +261,33 @@ def test_second_order_schedulers_are_refused(sd_pipe):
                 latents(sd_pipe, steps=4)
     finally:
         sd_pipe.scheduler = scheduler
+
+
+# -- bench -------------------------------------------------------------------------------------------
+def test_bench_gate_configs():
+    from bench.methods import CacheConfig, build_methods, CompileSettings
+
+    config = CacheConfig.parse("i3b0g10")
+    assert config == CacheConfig(3, 0, 10) and config.label == "I3B0G10" and config.reference == "tgate"
+    assert CacheConfig.parse("I3B0").reference == "deepcache"
+    with pytest.raises(ValueError):
+        CacheConfig.parse("I3B0G0")
+    labels = [m.label for m in build_methods([CacheConfig(3, 0), config], CompileSettings("eager"))]
+    assert labels == ["eager", "compile", "deepcache I3B0", "fastcache I3B0", "tgate I3B0G10", "fastcache I3B0G10"]
+
+
+def test_bench_tgate_method_is_the_package_and_restores_the_pipeline(sd_pipe):
+    """The bench's `tgate` method gives the package's latents (the reference above) and leaves
+    the pipeline as built."""
+    from bench.methods import CacheConfig, Shape, Tgate, is_restored
+
+    expected = tgate_latents(sd_pipe, 3, 0, 5)
+    method = Tgate(CacheConfig(3, 0, 5))
+    pipeline_class = type(sd_pipe)
+    method.enable(sd_pipe, Shape(128, 128, 1), {})
+    try:
+        actual = latents(sd_pipe)
+    finally:
+        method.disable()
+    assert torch.equal(actual, expected)
+    assert is_restored(sd_pipe, pipeline_class)
