@@ -193,8 +193,9 @@ class FastCache:
         the full and the shallow graph both run. With `gate_step` (TGATE) the call runs TGATE's own
         plan instead, which prepares every graph a call of that many steps uses (default
         ``gate_step + 2 * cache_interval``: all of them with the default self-attention options);
-        pass the serving calls' `num_inference_steps` when they use other self-attention options. Pass any other call argument (``guidance_scale``, ``image``
-        and ``strength`` for img2img...) as the serving calls will: the shapes must match theirs
+        pass the serving calls' `num_inference_steps` when they use other self-attention options.
+        Pass any other call argument (``guidance_scale``, ``image`` and ``strength`` for
+        img2img...) as the serving calls will: the shapes must match theirs
         (classifier-free guidance on or off is part of the shape: it doubles the U-Net's batch).
         """
         if num_inference_steps is None:
