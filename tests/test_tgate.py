@@ -265,7 +265,7 @@ def test_second_order_schedulers_are_refused(sd_pipe):
 
 # -- bench -------------------------------------------------------------------------------------------
 def test_bench_gate_configs():
-    from bench.methods import CacheConfig, build_methods, CompileSettings
+    from bench.methods import CacheConfig, CompileSettings, build_methods
 
     config = CacheConfig.parse("i3b0g10")
     assert config == CacheConfig(3, 0, 10) and config.label == "I3B0G10" and config.reference == "tgate"
