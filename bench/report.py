@@ -309,7 +309,9 @@ def markdown(result: BenchResult, plot_name: str | None, sample_dir: str | None)
         *non_finite_lines(result),
         *quality_table(result),
         "",
-        "## The package (DeepCache, or tgate for a config with a gate) and fastcache at the same config",
+        "## DeepCache and fastcache at the same config",
+        "",
+        "For a config with a gate (`G<step>`, TGATE), the package compared is tgate's DeepCache loader.",
         "",
         "`closer ... by`: the smaller of the two latent rel. L2 errors against eager, divided by their"
         " rel. L2 against each other.",
