@@ -31,7 +31,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=ints, default=[1], help="images per prompt, e.g. 1,4,8")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     parser.add_argument("--configs", default="I3B0,I5B0,I5B1",
-                        help="DeepCache configs I<interval>B<branch>, comma-separated")
+                        help="DeepCache configs I<interval>B<branch>, comma-separated; I<interval>B<branch>G<gate> "
+                             "adds TGATE from step <gate> (compared with the tgate package instead of DeepCache)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per method and mode (median and spread)")
     parser.add_argument("--step-calls", type=int, default=None,
                         help="direct U-Net calls per refresh interval for step timing (default: --runs)")

@@ -176,5 +176,7 @@ def shape_floor(unet_config: dict[str, Any], height: int, width: int, unet_batch
 
 
 def _branch(config: str) -> int:
-    """The branch id of a config label such as "I3B0"."""
-    return int(str(config).upper().split("B")[1])
+    """The branch id of a config label such as "I3B0" (or "I3B0G10")."""
+    from .methods import CacheConfig
+
+    return CacheConfig.parse(str(config)).branch

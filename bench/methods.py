@@ -1,7 +1,9 @@
-"""The four methods the benchmark compares, each with enable/disable that leave the pipeline as built.
+"""The methods the benchmark compares, each with enable/disable that leave the pipeline as built.
 
 * ``eager``: the plain diffusers pipeline, attention through SDPA (diffusers' default processor).
 * ``deepcache``: the DeepCache 0.1.1 package's ``DeepCacheSDHelper`` (eager module wrapping).
+* ``tgate``: the tgate 1.0.0 package's DeepCache loaders (TGATE on DeepCache, eager module
+  patching): the reference of a config with a gate (``I3B0G10``), in place of ``deepcache``.
 * ``compile``: the plain pipeline with ``pipe.unet.forward`` under ``torch.compile`` (no caching).
 * ``fastcache``: ``fastcache.accelerate`` (compiled graphs; CUDA Graphs on CUDA by default).
 
@@ -24,21 +26,36 @@ FULL, REFRESH, CACHED = "full", "refresh", "cached"
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """A DeepCache setting written ``I{cache_interval}B{cache_branch_id}`` (e.g. I3B0)."""
+    """A DeepCache setting written ``I{cache_interval}B{cache_branch_id}`` (e.g. I3B0), with
+    ``G{gate_step}`` for TGATE on top (e.g. I3B0G10)."""
 
     interval: int
     branch: int
+    gate: int | None = None
 
     @property
     def label(self) -> str:
-        return f"I{self.interval}B{self.branch}"
+        return f"I{self.interval}B{self.branch}" + (f"G{self.gate}" if self.gate is not None else "")
+
+    @property
+    def reference(self) -> str:
+        """The package method this config's fastcache is compared with: tgate with a gate."""
+        return "deepcache" if self.gate is None else "tgate"
 
     @classmethod
     def parse(cls, text: str) -> "CacheConfig":
-        match = re.fullmatch(r"[Ii](\d+)[Bb](\d+)", text.strip())
-        if not match or int(match.group(1)) < 1:
-            raise ValueError(f"config {text!r} is not I<interval>B<branch> with interval >= 1 (e.g. I3B0)")
-        return cls(int(match.group(1)), int(match.group(2)))
+        match = re.fullmatch(r"[Ii](\d+)[Bb](\d+)(?:[Gg](\d+))?", text.strip())
+        if not match or int(match.group(1)) < 1 or (match.group(3) is not None and int(match.group(3)) < 1):
+            raise ValueError(
+                f"config {text!r} is not I<interval>B<branch>[G<gate>] with interval >= 1 and gate >= 1 "
+                "(e.g. I3B0, I3B0G10)"
+            )
+        return cls(int(match.group(1)), int(match.group(2)), int(match.group(3)) if match.group(3) else None)
+
+
+def reference_kind(label: str) -> str:
+    """`CacheConfig.reference` from a config label (the results keep labels)."""
+    return CacheConfig.parse(label).reference
 
 
 @dataclass(frozen=True)
@@ -164,6 +181,43 @@ class DeepCache(Method):
         return REFRESH if step % helper.params["cache_interval"] == 0 else CACHED
 
 
+class Tgate(Method):
+    """The tgate package's ``TgateSDDeepCacheLoader`` / ``TgateSDXLDeepCacheLoader``: the pipeline's
+    calls go through the ``pipe.tgate(...)`` it adds, with the config's gate (its self-attention
+    options at their defaults, which never reuse a stale cache across calls)."""
+
+    kind = "tgate"
+
+    def enable(self, pipe: Any, shape: Shape, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+        from tgate import TgateSDDeepCacheLoader, TgateSDXLDeepCacheLoader
+
+        super().enable(pipe, shape, call_kwargs)
+        assert self.config is not None and self.config.gate is not None
+        sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        (TgateSDXLDeepCacheLoader if sdxl else TgateSDDeepCacheLoader)(
+            pipe, cache_interval=self.config.interval, cache_branch_id=self.config.branch)
+        self.original_class = original = type(pipe)
+        gate = self.config.gate
+
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self.tgate(*args, gate_step=gate, **kwargs)
+
+        pipe.__class__ = type(original.__name__, (original,), {"__call__": call})
+        return {"gate_step": gate}
+
+    def disable(self) -> None:
+        pipe = self.pipe
+        pipe.__class__ = self.original_class
+        pipe.deepcache.disable()
+        for name in ("tgate", "deepcache"):
+            delattr(pipe, name)
+        for module in pipe.unet.modules():  # the package's attention forwards and their caches
+            if type(module).__name__ == "Attention":
+                vars(module).pop("forward", None)
+                vars(module).pop("cache", None)
+        _drop_instance_forwards(pipe.unet)
+
+
 class Compile(Method):
     kind = "compile"
 
@@ -198,8 +252,9 @@ class FastCache(Method):
 
         super().enable(pipe, shape, call_kwargs)
         assert self.config is not None
+        gate = {} if self.config.gate is None else {"gate_step": self.config.gate}
         self.handle = fastcache.accelerate(
-            pipe, cache_interval=self.config.interval, cache_branch_id=self.config.branch,
+            pipe, cache_interval=self.config.interval, cache_branch_id=self.config.branch, **gate,
             compile=True, compile_backend=self.settings.backend, cuda_graphs=self.settings.cuda_graphs,
             **dict(self.settings.fastcache_options),
         )
@@ -247,8 +302,8 @@ class FastCache(Method):
 
 def build_methods(configs: list[CacheConfig], settings: CompileSettings) -> list[Method]:
     """The order the benchmark runs them in: eager first (the reference), then compile, then
-    DeepCache and fastcache at each config, one after the other."""
+    DeepCache (tgate for a config with a gate) and fastcache at each config, one after the other."""
     methods: list[Method] = [Eager(), Compile(settings)]
     for config in configs:
-        methods += [DeepCache(config), FastCache(config, settings)]
+        methods += [Tgate(config) if config.gate is not None else DeepCache(config), FastCache(config, settings)]
     return methods

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from .methods import reference_kind
 from .results import BenchResult, MethodResult, to_jsonable, write_result_files
 from .timing import TimingStats
 
@@ -36,12 +37,16 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+_NAMES = {"deepcache": "DeepCache", "tgate": "tgate"}
+
+
 def _column_labels(result: BenchResult) -> tuple[list[str], list[str]]:
-    """Method columns (eager, compile, then DeepCache and fastcache per config) and the configs."""
+    """Method columns (eager, compile, then DeepCache, or tgate for a config with a gate, and
+    fastcache per config) and the configs."""
     configs = list(result.meta["settings"]["configs"])
     labels = ["eager", "compile"]
     for config in configs:
-        labels += [f"deepcache {config}", f"fastcache {config}"]
+        labels += [f"{reference_kind(config)} {config}", f"fastcache {config}"]
     return labels, configs
 
 
@@ -51,7 +56,8 @@ def speed_table(result: BenchResult, mode: str) -> list[str]:
     _, configs = _column_labels(result)
     header = ["resolution, batch", "eager", "compile"]
     for config in configs:
-        header += [f"deepcache {config}", f"fastcache {config}", f"fastcache / DeepCache {config}"]
+        reference = reference_kind(config)
+        header += [f"{reference} {config}", f"fastcache {config}", f"fastcache / {_NAMES[reference]} {config}"]
     rows = []
     for shape in result.shapes:
         def cell(label: str) -> str:
@@ -64,7 +70,7 @@ def speed_table(result: BenchResult, mode: str) -> list[str]:
         for config in configs:
             agreement = next(a for a in shape.agreements if a.config == config)
             ratio = agreement.speedup_end_to_end if mode == "end_to_end" else agreement.speedup_denoise
-            row += [cell(f"deepcache {config}"), cell(f"fastcache {config}"), f"**{_x(ratio)}**"]
+            row += [cell(f"{reference_kind(config)} {config}"), cell(f"fastcache {config}"), f"**{_x(ratio)}**"]
         rows.append(row)
     return _table(header, rows)
 
@@ -213,8 +219,8 @@ def non_finite_lines(result: BenchResult) -> list[str]:
 
 
 def agreement_table(result: BenchResult) -> list[str]:
-    header = ["resolution, batch", "config", "fastcache vs DeepCache: PSNR dB / SSIM / latent rel. L2",
-              "DeepCache vs eager: rel. L2", "fastcache vs eager: rel. L2",
+    header = ["resolution, batch", "config", "fastcache vs the package (DeepCache; tgate for G configs): "
+              "PSNR dB / SSIM / latent rel. L2", "package vs eager: rel. L2", "fastcache vs eager: rel. L2",
               "closer to each other than to eager by"]
     rows = []
     for shape in result.shapes:
@@ -249,7 +255,8 @@ def markdown(result: BenchResult, plot_name: str | None, sample_dir: str | None)
         "## Seconds per image batch, end to end (text encoding, denoising loop, VAE decode)",
         "",
         "Median seconds per pipeline call (speed-up over `eager`); `fastcache / DeepCache`: fastcache's "
-        "speed-up over DeepCache at the same config.",
+        "speed-up over DeepCache at the same config (`fastcache / tgate`: over the tgate package, for a "
+        "config with a gate, `G<step>`).",
         "",
         *speed_table(result, "end_to_end"),
         "",
@@ -304,6 +311,8 @@ def markdown(result: BenchResult, plot_name: str | None, sample_dir: str | None)
         "",
         "## DeepCache and fastcache at the same config",
         "",
+        "For a config with a gate (`G<step>`, TGATE), the package compared is tgate's DeepCache loader.",
+        "",
         "`closer ... by`: the smaller of the two latent rel. L2 errors against eager, divided by their"
         " rel. L2 against each other.",
         "",
@@ -316,7 +325,7 @@ def markdown(result: BenchResult, plot_name: str | None, sample_dir: str | None)
 
 
 _STYLE = {"eager": ("s", "tab:blue"), "compile": ("D", "tab:orange"), "deepcache": ("o", "tab:green"),
-          "fastcache": ("^", "tab:red")}
+          "tgate": ("v", "tab:purple"), "fastcache": ("^", "tab:red")}
 
 
 def plot(result: BenchResult, path: str) -> None:
@@ -353,7 +362,7 @@ def plot(result: BenchResult, path: str) -> None:
                     axis.annotate(f"{m.method}: {value}", (x, y), fontsize=7, xytext=offset,
                                   textcoords="offset points")
             for config in dict.fromkeys(m.config for m in shape.methods if m.config):
-                pair = [shape.get(f"{kind} {config}") for kind in ("deepcache", "fastcache")]
+                pair = [shape.get(f"{kind} {config}") for kind in (reference_kind(config), "fastcache")]
                 xs = [getattr(m, mode) for m in pair]
                 ys = [min(m.quality_vs_eager.psnr, ceiling) for m in pair]  # type: ignore[union-attr]
                 axis.plot(xs, ys, color="grey", linewidth=0.8, zorder=2)

@@ -101,6 +101,7 @@ def probe_main(options: Any) -> int:
     load_s = time.perf_counter() - start
     handle = fastcache.accelerate(
         pipe, cache_interval=config.interval, cache_branch_id=config.branch,
+        **({} if config.gate is None else {"gate_step": config.gate}),
         compile_backend=options.compile_backend, cuda_graphs=options.cuda_graphs,
         **json.loads(options.fastcache_options_json or "{}"),  # the parent's --fastcache-option
     )

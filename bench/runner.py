@@ -30,7 +30,7 @@ import torch
 from . import metrics
 from .env import load_average
 from .floor import MatmulRate, dense_matmul_rate, shape_floor
-from .methods import CACHED, FULL, REFRESH, CacheConfig, Method, Shape, is_restored
+from .methods import CACHED, FULL, REFRESH, CacheConfig, Method, Shape, is_restored, reference_kind
 from .results import Agreement, MethodResult, Quality, ShapeResult, StepTimes
 from .timing import PeakMemory, TimingStats, release_cached_memory, repeat, synchronize, timed, timed_with_host
 from .workload import UNetInputs, Workload
@@ -156,7 +156,11 @@ def measure_method(
             details["peak_memory_parts"] = peak.parts
         pattern = method.refresh_pattern()
         per_interval = method.config.interval if method.config is not None else 1
-        steps = time_steps(method, pipe, inputs_for_steps(), device, settings.step_calls * per_interval)
+        if method.config is not None and method.config.gate is not None:
+            # TGATE plans whole pipeline calls (the batch halves at the gate): no direct U-Net calls.
+            steps = StepTimes(note="TGATE: steps are not timed one by one (it runs through the pipeline call)")
+        else:
+            steps = time_steps(method, pipe, inputs_for_steps(), device, settings.step_calls * per_interval)
     finally:
         method.disable()
     restored = is_restored(pipe, pipeline_class)
@@ -223,7 +227,7 @@ def measure_shape(
                                    text_length, matmul_rate(device, pipe.unet.dtype), result.methods)
     configs = [m.config for m in result.methods if m.method == "fastcache"]
     for config in configs:
-        dc, fc = result.get(f"deepcache {config}"), result.get(f"fastcache {config}")
+        dc, fc = result.get(f"{reference_kind(config)} {config}"), result.get(f"fastcache {config}")
         fc_dc = quality(outputs[fc.label], outputs[dc.label])
         assert dc.quality_vs_eager is not None and fc.quality_vs_eager is not None
         result.agreements.append(Agreement(

@@ -37,6 +37,7 @@ from .runtime import MemoryReport, Runner, autograd_off, describe_key
 from .schedule import ExplicitSchedule, UniformSchedule
 from .shapes import RunnerFactory, ShapeRunner, make_runner, runtime_name
 from .side_models import CompileFailure, SideModels
+from .tgate import TgateCalls, check_pipeline
 from .unet_call import StepInputs, check_call, check_inputs, unet_output
 from .warmup import Shape, WarmupReport, warmup_call_kwargs, warmup_shapes
 
@@ -87,11 +88,17 @@ class FastCache:
         if handle_of(pipe) is not None:
             raise AlreadyAcceleratedError("this pipeline is already accelerated by fastcache; call disable() on its handle first")
         split = check_unet(unet, config)
+        if config.gate_step is not None:
+            check_pipeline(pipe)
         self.config = config
         self.pipe = pipe
         self.stats = CallStats()
         make = runner_factory or make_runner
         self._dispatcher = StepDispatcher(schedule)
+        self._tgate = (
+            TgateCalls(config.gate_step, config.cache_interval, config.sp_interval, config.fi_interval, config.warm_up)
+            if config.gate_step is not None else None
+        )
         self._shapes = ShapeRunner(make(split, config, unet.device), split, self._disable_now)
         self._calling_pipe: Any | None = None  # the pipeline whose call is under way
         self._exclusive = CallLock()  # one pipeline call, warm-up or disable() at a time
@@ -172,7 +179,7 @@ class FastCache:
         height: int | None = None,
         width: int | None = None,
         batch_size: int = 1,
-        num_inference_steps: int = 3,
+        num_inference_steps: int | None = None,
         *,
         shapes: Sequence[Shape] | None = None,
         **call_kwargs: Any,
@@ -181,12 +188,19 @@ class FastCache:
         every ``(height, width, batch_size)`` in `shapes`, largest first (their graphs share one
         memory pool, which the largest sizes: as sglang's runner captures).
 
-        Runs the pipeline once per shape with an empty prompt, `num_inference_steps` steps, latent
-        output, a fixed generator, and the schedule forced to refresh at step 0 only, so the full
-        and the shallow graph both run. Pass any other call argument (``guidance_scale``, ``image``
-        and ``strength`` for img2img...) as the serving calls will: the shapes must match theirs
+        Runs the pipeline once per shape with an empty prompt, `num_inference_steps` steps (default
+        3), latent output, a fixed generator, and the schedule forced to refresh at step 0 only, so
+        the full and the shallow graph both run. With `gate_step` (TGATE) the call runs TGATE's own
+        plan instead, which prepares every graph a call of that many steps uses (default
+        ``gate_step + 2 * cache_interval``: all of them with the default self-attention options);
+        pass the serving calls' `num_inference_steps` when they use other self-attention options.
+        Pass any other call argument (``guidance_scale``, ``image`` and ``strength`` for
+        img2img...) as the serving calls will: the shapes must match theirs
         (classifier-free guidance on or off is part of the shape: it doubles the U-Net's batch).
         """
+        if num_inference_steps is None:
+            gate = self.config.gate_step
+            num_inference_steps = 3 if gate is None else gate + 2 * self.config.cache_interval
         ordered = warmup_shapes(height, width, batch_size, shapes)
         with self._exclusive():  # no other thread's call may run with the warm-up's schedule
             self._require_enabled()
@@ -210,6 +224,8 @@ class FastCache:
                     "attach() does not support controlnet_reuse (it follows one pipeline's ControlNet); "
                     "accelerate without controlnet_reuse to share the U-Net between pipelines"
                 )
+            if self._tgate is not None:
+                check_pipeline(pipe)
             self._install.attach(pipe)  # checks that `pipe` shares the U-Net and is not accelerated
 
     def reset(self) -> None:
@@ -270,7 +286,8 @@ class FastCache:
     def _warmup_one(self, kwargs: Mapping[str, Any]) -> None:
         """One pipeline call with the schedule forced to refresh at step 0 only (both graphs run)."""
         caching = self._dispatcher.schedule.caches
-        self._dispatcher.force(ExplicitSchedule(frozenset({0})) if caching else UniformSchedule(1))
+        if self._tgate is None:  # TGATE runs its own plan: its graphs are those of a serving call
+            self._dispatcher.force(ExplicitSchedule(frozenset({0})) if caching else UniformSchedule(1))
         self._runner.allow_new_shapes = self._shapes.warming = True
         try:
             self.pipe(**kwargs)
@@ -281,7 +298,7 @@ class FastCache:
             self._dispatcher.force(None)
             if self.enabled:
                 self._runner.allow_new_shapes = not self.config.strict
-        if caching and all(self.stats.last_call):
+        if caching and self._tgate is None and all(self.stats.last_call):
             logger.warning(
                 "warm-up ran no cached step, so the shallow graph is not prepared; give warmup() "
                 "enough steps (num_inference_steps, img2img strength) for at least two to run"
@@ -312,6 +329,8 @@ class FastCache:
             )
         self._model.check()
         self._dispatcher.rearm()
+        if self._tgate is not None:
+            self._tgate.rearm()
         self._last_thread = threading.get_ident()
         self.stats.pipeline_calls += 1
         self.stats.last_call = []
@@ -365,20 +384,53 @@ class FastCache:
                 down_block_additional_residuals, mid_block_additional_residual,
                 (cross_attention_kwargs or {}).get("ip_adapter_masks"),
             )
+            pipe = self._calling_pipe if self._calling_pipe is not None else self.pipe
+            scheduler = pipe.scheduler
+            tgate = self._tgate_step(pipe, scheduler, timestep, inputs)
+            if tgate is not None and not tgate.guided:
+                inputs = inputs.first_half()  # after the gate: the unconditional half only
             key = inputs.key()
-            scheduler = (self._calling_pipe if self._calling_pipe is not None else self.pipe).scheduler
             self._dispatcher.locate(scheduler, timestep)  # PNDM img2img: DeepCache's step numbers
             refresh = self._dispatcher.next_call(scheduler, key)
+            if tgate is not None and refresh != tgate.refresh:
+                raise RuntimeError(f"fastcache TGATE: the dispatcher and the plan disagree at step {self._dispatcher.step}")
             if self._controlnet_reuse is not None:  # stores (or, as a safety net, recomputes) its residuals
                 inputs = self._controlnet_reuse.unet_call(refresh, key, inputs)
             with self._model.lora.applied((cross_attention_kwargs or {}).get("scale", 1.0)):  # a number or a tensor
-                noise = self._run(refresh, key, inputs)
+                actions = None if tgate is None or (tgate.plain and tgate.guided and self._plain_graphs()) else tgate.actions
+                noise = self._run(refresh, key, inputs, actions)
+            if tgate is not None and not tgate.guided:
+                # Both halves the same noise: the pipeline's guidance u + s * (c - u) gives it back.
+                noise = torch.cat([noise, noise])
         self.stats.record(refresh)
         return unet_output(noise, return_dict)
 
-    def _run(self, refresh: bool, key: Hashable, inputs: StepInputs) -> Tensor:
+    def _tgate_step(self, pipe: Any, scheduler: Any, timestep: Any, inputs: StepInputs) -> Any:
+        """TGATE's step for this U-Net call (None without gate_step)."""
+        if self._tgate is None:
+            return None
+        if self._calling_pipe is None:
+            raise UnsupportedInputError(
+                "gate_step (TGATE): pipe.unet was called outside the accelerated pipeline's call; TGATE "
+                "plans each pipeline call, so it runs through the pipeline only"
+            )
+        extra = sorted(set(inputs.added) - {"text_embeds", "time_ids"})
+        if extra:
+            raise UnsupportedInputError(
+                f"gate_step (TGATE) runs text-to-image U-Net calls only; this one passes {extra} "
+                "(IP-Adapter, ControlNet, LCM's guidance embedding): accelerate without gate_step"
+            )
+        return self._tgate.next_step(pipe, scheduler, self._dispatcher, timestep)
+
+    def _plain_graphs(self) -> bool:
+        """Whether a TGATE step that stores and reuses nothing may run the plain full and shallow
+        graphs: not with graphs, whose shallow graphs read only the kept buffer of their own full
+        graph (TGATE's graphs share one per shape)."""
+        return self.runtime in ("eager", "compiled")
+
+    def _run(self, refresh: bool, key: Hashable, inputs: StepInputs, actions: tuple[str, str, str] | None = None) -> Tensor:
         try:
-            return self._shapes.run(refresh, key, inputs)
+            return self._shapes.run(refresh, key, inputs, actions)
         except BaseException:
             self._dispatcher.rearm()  # the next call refreshes: nothing half-done is reused
             raise

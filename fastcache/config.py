@@ -60,6 +60,16 @@ class FastCacheConfig:
     # timestep costs a GPU sync per step (host_timesteps.py). Same values, same images. Off until
     # measured on a GPU; ControlNet models still copy each step's timestep to the device.
     host_timesteps: bool = False
+    # TGATE (arXiv 2404.02747) on top of DeepCache, with the `tgate` package's semantics
+    # (TgateSDDeepCacheLoader / TgateSDXLDeepCacheLoader): from step `gate_step` on, classifier-free
+    # guidance stops (the U-Net runs the unconditional half only) and every cross-attention output
+    # is the one cached at step gate_step - 1 (the mean of its two guided halves). None: off.
+    # Self-attention caching: every `sp_interval` steps before the gate (from step `warm_up`), every
+    # `fi_interval` steps after it; other steps reuse the latest cached output (1, 1, 0: never).
+    gate_step: int | None = None
+    sp_interval: int = 1
+    fi_interval: int = 1
+    warm_up: int = 0
 
     @classmethod
     def from_options(cls, **options: Any) -> "FastCacheConfig":
@@ -139,6 +149,7 @@ class FastCacheConfig:
                     f"unknown inductor option(s) {unknown}: compile_options takes names from "
                     "torch._inductor.config (e.g. conv_1x1_as_mm, coordinate_descent_tuning, epilogue_fusion)"
                 )
+        self._validate_tgate()
         if not isinstance(self.compile_backend, str) or not self.compile_backend:
             raise InvalidConfigError(f"compile_backend must be a torch.compile backend name, got {self.compile_backend!r}")
         known = known_backends()
@@ -147,6 +158,35 @@ class FastCacheConfig:
                 f"unknown compile_backend {self.compile_backend!r}: torch.compile knows {', '.join(known)} "
                 "(use 'inductor' to serve; register your own with torch._dynamo.register_backend)"
             )
+
+    def _validate_tgate(self) -> None:
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if self.gate_step is not None and (not is_int(self.gate_step) or self.gate_step < 1):
+            raise InvalidConfigError(
+                f"gate_step must be None (TGATE off) or an int >= 1 (the step from which guidance and "
+                f"cross-attention stop; a gate past the last step changes nothing), got {self.gate_step!r}"
+            )
+        for name in ("sp_interval", "fi_interval"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise InvalidConfigError(f"{name} must be an int >= 1 (1: self-attention is never reused), got {value!r}")
+        if not is_int(self.warm_up) or self.warm_up < 0:
+            raise InvalidConfigError(f"warm_up must be an int >= 0 (a step number), got {self.warm_up!r}")
+        if self.gate_step is None:
+            if (self.sp_interval, self.fi_interval, self.warm_up) != (1, 1, 0):
+                raise InvalidConfigError(
+                    "sp_interval, fi_interval and warm_up are TGATE options: they need gate_step"
+                )
+            return
+        if self.schedule != "uniform":
+            raise InvalidConfigError(
+                f"gate_step needs schedule='uniform' (the tgate package runs DeepCache's uniform schedule "
+                f"and re-arms it at the gate), got schedule={self.schedule!r}"
+            )
+        if self.controlnet_reuse:
+            raise InvalidConfigError("gate_step supports text-to-image pipelines only; controlnet_reuse is for ControlNet")
 
 
 def known_backends() -> list[str]:

@@ -23,6 +23,8 @@ Rules:
   every interval and strength. The first call's position is read from tensor metadata: the
   pipeline's ``t`` is a view into ``scheduler.timesteps`` (`timestep_position`).
 * A cached call is only allowed at the shape of the last refresh; any other shape refreshes.
+* TGATE (tgate.py) re-arms DeepCache at given steps of a call (`rearm_at`): those refresh, and
+  the schedule counts again from each, as DeepCache's helper does after ``disable(); enable()``.
 """
 
 from __future__ import annotations
@@ -127,6 +129,12 @@ class StepDispatcher:
         self._step_refreshes = True
         self._refreshed_key: Hashable | None = None
         self._start: int | None = None
+        self._rearm_steps: frozenset[int] = frozenset()
+        self._base = 0  # DeepCache's number of the latest (re-)armed step
+
+    def rearm_at(self, steps: frozenset[int]) -> None:
+        """This call also re-arms at `steps` (set before its first U-Net call; TGATE's gate)."""
+        self._rearm_steps = steps
 
     def force(self, schedule: RefreshSchedule | None) -> None:
         """Use `schedule` instead of the configured one until called with None (warm-up)."""
@@ -141,7 +149,8 @@ class StepDispatcher:
 
     def next_call(self, scheduler: Any, shape_key: Hashable) -> bool:
         """Decide the next U-Net call; True means refresh."""
-        refresh, self.step, self._num_steps, self._numbers, self._step_refreshes = self._decide(scheduler, shape_key)
+        refresh, self.step, self._num_steps, self._numbers, self._step_refreshes, self._base = self._decide(
+            scheduler, shape_key)
         if self.step == 0:  # warns once per handle (step 0 of Heun's second evaluation too)
             self._warn_if_few_steps(self._forced or self.schedule)
             self._warn_steps_past()
@@ -160,9 +169,10 @@ class StepDispatcher:
 
     def _decide(
         self, scheduler: Any, shape_key: Hashable
-    ) -> tuple[bool, int, int | None, tuple[int, ...] | None, bool]:
-        """(refresh, step, num_steps, numbers, step_refreshes) after the next call; reads state only."""
+    ) -> tuple[bool, int, int | None, tuple[int, ...] | None, bool, int]:
+        """(refresh, step, num_steps, numbers, step_refreshes, base) after the next call; reads state only."""
         step, num_steps, numbers, step_refreshes = self.step, self._num_steps, self._numbers, self._step_refreshes
+        base = self._base
         if step < 0 or not is_second_evaluation(scheduler):
             step += 1
             schedule = self._forced or self.schedule
@@ -170,9 +180,12 @@ class StepDispatcher:
                 num_steps = steps_in_call(scheduler)
                 numbers = deepcache_numbers(scheduler, self._start)
             number = numbers[step] if numbers is not None and step < len(numbers) else step
+            if step == 0 or step in self._rearm_steps:
+                base = number
+            number -= base
             step_refreshes = number == 0 or schedule.is_refresh(number, num_steps)
         refresh = step_refreshes or shape_key != self._refreshed_key
-        return refresh, step, num_steps, numbers, step_refreshes
+        return refresh, step, num_steps, numbers, step_refreshes, base
 
     def _warn_steps_past(self) -> None:
         """An explicit schedule's steps that this call never reaches: said once per call length."""

@@ -66,7 +66,9 @@ import torch
 from torch import Tensor
 
 from .recording import Recording
-from .runtime import CompiledFunctions, MemoryReport, Runner, Split, not_warmed_error, tensor_bytes
+from .runtime import (
+    CompiledFunctions, MemoryReport, Runner, Split, not_warmed_error, tensor_bytes, tgate_base, tgate_name,
+)
 from .unet_call import StepInputs
 
 # Runs of each function before capture: the first compiles and autotunes, the second lets lazy
@@ -220,6 +222,23 @@ class ShapeGraphs:
         return self.full.outputs[1]
 
 
+class TgateShape:
+    """TGATE's graphs of one shape key: static inputs, one graph per (full or shallow, attention
+    actions), and the key's kept-features buffer, which every full graph of the key writes and every
+    shallow graph reads (the latest refresh at the key may be any of its full graphs)."""
+
+    def __init__(self, inputs: StepInputs) -> None:
+        self.static = inputs.clone()
+        self.static_tensors = self.static.tensors()
+        self.kept: Tensor | None = None  # allocated at the first full graph's first warm-up run
+        # (refresh, actions) -> (graph, cache buffers it reads by name, cache buffers it writes by name)
+        self.graphs: dict[tuple[bool, tuple[str, str, str]], tuple[CapturedFunction, dict[str, Tensor], dict[str, Tensor]]] = {}
+
+    def load(self, inputs: StepInputs) -> None:
+        for name, tensor in inputs.tensors().items():
+            self.static_tensors[name].copy_(tensor)
+
+
 class GraphRunner(Runner):
     """Replays captured graphs of the (compiled or eager) split; see the module docstring."""
 
@@ -232,6 +251,12 @@ class GraphRunner(Runner):
         self.emulate = emulate
         self.captures = 0
         self._shapes: dict[Hashable, ShapeGraphs] = {}
+        # TGATE: graphs per shape key; the attention caches as static buffers outside the pool, by
+        # (name, shape, dtype), written in place by the graphs that store them and read by reference
+        # by those that reuse them; and the buffer each name was last written to.
+        self._tgate: dict[Hashable, TgateShape] = {}
+        self._tgate_buffers: dict[tuple[str, tuple[int, ...], torch.dtype], Tensor] = {}
+        self._tgate_latest: dict[str, Tensor] = {}
         self._pool: Any = None  # one graph memory pool for every capture (CUDA only)
         self._streams: DeviceStreams | HostStreams | None = None  # made at the first call
 
@@ -262,10 +287,75 @@ class GraphRunner(Runner):
             graphs.shallow.replay()
         return streams.hand_back(graphs.shallow.outputs)
 
+    def tgate_prepared(self, key: Hashable, refresh: bool, actions: tuple[str, str, str]) -> bool:
+        shape = self._tgate.get(key)
+        return shape is not None and (refresh, actions) in shape.graphs
+
+    def run_tgate(self, refresh: bool, key: Hashable, inputs: StepInputs, actions: tuple[str, str, str]) -> Tensor:
+        """A TGATE step: replay (capturing on first use) the graph of (key, refresh, actions).
+
+        Cache buffers live outside the graph pool, so no graph's temporaries can overwrite them
+        between the step that stores an attention output and the steps that reuse it (those run at
+        another shape key after the gate: the unguided half)."""
+        streams = self._streams_on(inputs.sample.device)
+        with streams.replaying():
+            shape = self._tgate.get(key)
+            if shape is None:
+                self._check_new(key, "full" if refresh else "shallow")
+                shape = self._tgate[key] = TgateShape(inputs)
+            entry = shape.graphs.get((refresh, actions))
+            if entry is None:
+                shape.load(inputs)
+                entry = self._capture_tgate(key, shape, refresh, actions)
+            graph, reads, writes = entry
+            for name, buffer in reads.items():
+                if self._tgate_latest.get(name) is not buffer:
+                    raise RuntimeError(f"fastcache TGATE: the graph reading {name} was captured with another buffer")
+            shape.load(inputs)
+            graph.replay()
+            self._tgate_latest.update(writes)
+        return streams.hand_back(graph.outputs)
+
+    def _capture_tgate(
+        self, key: Hashable, shape: TgateShape, refresh: bool, actions: tuple[str, str, str]
+    ) -> tuple[CapturedFunction, dict[str, Tensor], dict[str, Tensor]]:
+        self._check_new(key, "full" if refresh else "shallow")
+        reads = {name: self._tgate_latest[name] for name in self.split.tgate_reads(refresh, actions)}  # type: ignore[attr-defined]
+        writes: dict[str, Tensor] = {}
+        which = tgate_name("full_tgate" if refresh else "shallow_tgate", actions)
+        if not refresh:
+            assert shape.kept is not None, "the dispatcher refreshes before any cached step"
+        kept_in = shape.kept
+
+        def function() -> Tensor:
+            args = shape.static.args()
+            if refresh:
+                noise, kept, stored = self._run(which, key, *args, actions, reads)
+                if shape.kept is None:  # the first warm-up run, outside any capture
+                    shape.kept = torch.empty_like(kept)
+                shape.kept.copy_(kept)
+            else:
+                noise, stored = self._run(which, key, *args, kept_in, actions, reads)
+            for name, value in stored.items():
+                buffer = writes.get(name)
+                if buffer is None:  # the first warm-up run, outside any capture
+                    index = (name, tuple(value.shape), value.dtype)
+                    buffer = writes[name] = self._tgate_buffers.setdefault(index, torch.empty_like(value))
+                buffer.copy_(value)
+            return noise
+
+        inputs = [*shape.static_tensors.values(), *reads.values()] + ([kept_in] if kept_in is not None else [])
+        graph = self._capture(function, inputs)
+        shape.graphs[(refresh, actions)] = (graph, reads, writes)
+        return graph, reads, writes
+
     def release(self) -> None:
         """Drop every graph and buffer; on CUDA, hand the pool's segments back to the driver now
         (they are free once the graphs are gone, but stay reserved until the cache is emptied)."""
         had_pool = self._pool is not None
+        self._tgate.clear()
+        self._tgate_buffers.clear()
+        self._tgate_latest.clear()
         self._shapes.clear()
         self._pool = None
         self._streams = None
@@ -285,6 +375,10 @@ class GraphRunner(Runner):
                 kept += tensor_bytes([graphs.kept])
             if graphs.shallow is not None:
                 outputs += tensor_bytes(_as_tuple(graphs.shallow.outputs))
+        for shape in self._tgate.values():  # TGATE: static inputs, kept buffer, attention caches
+            inputs += tensor_bytes(shape.static_tensors.values())
+            kept += tensor_bytes([shape.kept] if shape.kept is not None else [])
+        kept += tensor_bytes(self._tgate_buffers.values())
         if self._pool is None:
             return MemoryReport(len(self._shapes), inputs, outputs, kept, None)
         pool = graph_pool_bytes(torch.cuda.memory_snapshot(), self._pool)
@@ -304,7 +398,7 @@ class GraphRunner(Runner):
     def _run(self, which: str, key: Hashable, *args: Any) -> Any:
         if self.compiled is not None:
             return self.compiled.call(which, key, True, *args)
-        return getattr(self.split, which)(*args)
+        return getattr(self.split, tgate_base(which))(*args)
 
     def _capture(self, function: Callable[[], Any], inputs: Sequence[Tensor]) -> CapturedFunction:
         """Warm up `function`, then capture it, under the process-wide lock, on the side stream.

@@ -28,7 +28,7 @@ from .config import FastCacheConfig
 from .errors import AlreadyAcceleratedError, InvalidConfigError, UnsupportedPipelineError
 from .model_watch import ModelWatch
 from .patching import InstancePatch
-from .unet_split import UNetSplit
+from .unet_split import UNetSplit, tgate_support
 
 # diffusers model hooks (diffusers/hooks) that the eager split runs exactly as diffusers does:
 # layerwise casting swaps each layer's weights to the compute dtype around its own forward, which
@@ -101,6 +101,8 @@ def check_unet(unet: Any, config: FastCacheConfig) -> UNetSplit:
     """Everything fastcache needs of a U-Net before patching it; returns its split. Raises (and
     changes nothing) when it cannot accelerate it: at `accelerate`, and for a replaced U-Net."""
     split = UNetSplit(unet, config.cache_branch_id)
+    if config.gate_step is not None:
+        tgate_support(unet)
     if config.cuda_graphs and unet.device.type != "cuda":
         raise InvalidConfigError(f"cuda_graphs=True needs the U-Net on a CUDA device; it is on {unet.device}")
     if getattr(unet, "_hf_hook", None) is not None:

@@ -144,6 +144,8 @@ class Runner:
         self.rewarm_keys: frozenset[Hashable] = frozenset()
         # Eager and compiled runners: the features of the latest refresh (owned by the runner).
         self._kept: Tensor | None = None
+        # TGATE: the attention outputs stored by earlier steps of the call, by name (tgate.py).
+        self._tgate_caches: dict[str, Tensor] = {}
 
     def may_prepare(self, key: Hashable) -> bool:
         """Whether `key` may be compiled or captured now (strict serving refuses unwarmed shapes)."""
@@ -164,12 +166,32 @@ class Runner:
     def cached(self, key: Hashable, inputs: StepInputs) -> Tensor:
         raise NotImplementedError
 
+    # -- TGATE (tgate.py): the split's full_tgate / shallow_tgate with static attention actions --
+    def tgate_prepared(self, key: Hashable, refresh: bool, actions: tuple[str, str, str]) -> bool:
+        return self.is_prepared(key, refresh)
+
+    def run_tgate(self, refresh: bool, key: Hashable, inputs: StepInputs, actions: tuple[str, str, str]) -> Tensor:
+        """One TGATE step: reads the caches its actions reuse, keeps the ones it stores."""
+        split = self.split  # type: ignore[attr-defined]
+        caches = {name: self._tgate_caches[name] for name in split.tgate_reads(refresh, actions)}
+        if refresh:
+            noise, self._kept, stored = self._tgate_call(tgate_name("full_tgate", actions), key, *inputs.args(), actions, caches)
+        else:
+            assert self._kept is not None, "the dispatcher refreshes before any cached step"
+            noise, stored = self._tgate_call(tgate_name("shallow_tgate", actions), key, *inputs.args(), self._kept, actions, caches)
+        self._tgate_caches.update(stored)
+        return noise
+
+    def _tgate_call(self, which: str, key: Hashable, *args: Any) -> Any:
+        raise NotImplementedError
+
     def release(self) -> None:
         """Drop kept features, graphs and buffers."""
 
     def memory(self) -> MemoryReport:
-        """What this runner holds between calls (here: the kept features of the latest refresh)."""
-        kept = [self._kept] if self._kept is not None else []
+        """What this runner holds between calls (here: the kept features of the latest refresh,
+        and with TGATE the attention outputs kept)."""
+        kept = ([self._kept] if self._kept is not None else []) + list(self._tgate_caches.values())
         return MemoryReport(len(kept), 0, 0, tensor_bytes(kept), None)
 
 
@@ -200,9 +222,28 @@ class EagerRunner(Runner):
         assert self._kept is not None, "the dispatcher refreshes before any cached step"
         return self.split.shallow(*inputs.args(), self._kept)
 
+    def _tgate_call(self, which: str, key: Hashable, *args: Any) -> Any:
+        full = which.startswith("full")
+        if full and key not in self._ran and not self.may_prepare(key):
+            raise not_warmed_error(key, "full", self._ran)
+        result = getattr(self.split, tgate_base(which))(*args)
+        if full:
+            self._ran.add(key)
+        return result
+
     def release(self) -> None:
         self._kept = None
+        self._tgate_caches.clear()
         self._ran.clear()
+
+
+def tgate_name(base: str, actions: tuple[str, str, str]) -> str:
+    """The name of a TGATE function with static `actions`, as the runners count its graphs."""
+    return f"{base}[{','.join(actions)}]"
+
+
+def tgate_base(which: str) -> str:
+    return which.split("[", 1)[0]
 
 
 def compile_kwargs(backend: str, mode: str | None = None, inductor_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -244,10 +285,14 @@ class CompiledFunctions:
 
     def __init__(self, split: Split, options: Mapping[str, Any]) -> None:
         """`options`: torch.compile's keyword arguments (`compile_kwargs`)."""
+        self.split = split
         self.functions: dict[str, Callable[..., Any]] = {
             "full": torch.compile(split.full, **options),
             "shallow": torch.compile(split.shallow, **options),
         }
+        for name in ("full_tgate", "shallow_tgate"):  # one graph per shape key and attention actions
+            if hasattr(split, name):
+                self.functions[name] = torch.compile(getattr(split, name), **options)
         self.compiled: dict[str, set[Hashable]] = {"full": set(), "shallow": set()}
 
     @property
@@ -255,12 +300,12 @@ class CompiledFunctions:
         return sum(len(keys) for keys in self.compiled.values())
 
     def is_compiled(self, which: str, key: Hashable) -> bool:
-        return key in self.compiled[which]
+        return key in self.compiled.get(which, ())
 
     def call(self, which: str, key: Hashable, allow_new: bool, *args: Any) -> Any:
         """Run `which` at `key`; `allow_new`: whether a new key may be compiled now. When it may
         not (strict serving), a known key may not be compiled again either."""
-        known = key in self.compiled[which]
+        known = key in self.compiled.setdefault(which, set())
         if not known and not allow_new:
             raise not_warmed_error(key, which, self.compiled["full"])
         if not known and len(self.compiled[which]) >= RECOMPILE_LIMIT:
@@ -269,7 +314,7 @@ class CompiledFunctions:
 
         try:
             with dynamo_policy(fail_on_recompile=known and not allow_new):
-                result = self.functions[which](*args)
+                result = self.functions[tgate_base(which)](*args)
         except RecompileError as error:  # strict serving, a known key whose guards failed
             raise ShapeNotWarmedError(
                 f"strict serving: the warmed {which} U-Net graph for {describe_key(key)} would be "
@@ -341,6 +386,7 @@ class CompiledRunner(Runner):
     def __init__(self, compiled: CompiledFunctions) -> None:
         super().__init__()
         self.compiled = compiled
+        self.split = compiled.split
 
     def is_prepared(self, key: Hashable, refresh: bool) -> bool:
         return self.compiled.is_compiled("full" if refresh else "shallow", key)
@@ -360,5 +406,12 @@ class CompiledRunner(Runner):
         assert self._kept is not None, "the dispatcher refreshes before any cached step"
         return self._call("shallow", key, *without_inference_tensors(inputs.args()), self._kept)
 
+    def tgate_prepared(self, key: Hashable, refresh: bool, actions: tuple[str, str, str]) -> bool:
+        return self.compiled.is_compiled(tgate_name("full_tgate" if refresh else "shallow_tgate", actions), key)
+
+    def _tgate_call(self, which: str, key: Hashable, *args: Any) -> Any:
+        return self._call(which, key, *without_inference_tensors(args))
+
     def release(self) -> None:
         self._kept = None
+        self._tgate_caches.clear()

@@ -103,13 +103,21 @@ class ShapeRunner:
         self.runner.release()
         self._fallback.release()
 
-    def run(self, refresh: bool, key: Hashable, inputs: StepInputs) -> Tensor:
-        """One U-Net call at `key`: the full (refresh) or shallow function; see the module doc."""
-        noise = self._run(refresh, key, inputs)
+    def run(self, refresh: bool, key: Hashable, inputs: StepInputs, actions: tuple[str, str, str] | None = None) -> Tensor:
+        """One U-Net call at `key`: the full (refresh) or shallow function; see the module doc.
+        `actions`: a TGATE step's attention actions (tgate.py), run by the TGATE functions."""
+        noise = self._run(refresh, key, inputs, actions)
         self.seen.add(key)
         return noise
 
-    def _run(self, refresh: bool, key: Hashable, inputs: StepInputs) -> Tensor:
+    @staticmethod
+    def _call(runner: Runner, refresh: bool, key: Hashable, inputs: StepInputs,
+              actions: tuple[str, str, str] | None) -> Tensor:
+        if actions is not None:
+            return runner.run_tgate(refresh, key, inputs, actions)
+        return runner.refresh(key, inputs) if refresh else runner.cached(key, inputs)
+
+    def _run(self, refresh: bool, key: Hashable, inputs: StepInputs, actions: tuple[str, str, str] | None = None) -> Tensor:
         if key in self._eager_keys:
             if self.warming:
                 raise ShapeLimitError(
@@ -117,10 +125,11 @@ class ShapeRunner:
                     "was first served (fastcache.runtime.RECOMPILE_LIMIT shapes per U-Net function), so "
                     "warmup() cannot prepare graphs for it; the prepared shapes keep theirs"
                 )
-            return self._fallback.refresh(key, inputs) if refresh else self._fallback.cached(key, inputs)
+            return self._call(self._fallback, refresh, key, inputs, actions)
         runner = self.runner
-        if runner.is_prepared(key, refresh):
-            return runner.refresh(key, inputs) if refresh else runner.cached(key, inputs)
+        prepared = runner.is_prepared(key, refresh) if actions is None else runner.tgate_prepared(key, refresh, actions)
+        if prepared:
+            return self._call(runner, refresh, key, inputs, actions)
         if key in self._failed and not self.warming:
             raise CompileError(
                 f"fastcache could not prepare the U-Net graphs for {describe_key(key)} earlier "
@@ -128,7 +137,7 @@ class ShapeRunner:
                 "serving the shapes it prepared. warmup() at this shape tries again."
             )
         try:
-            noise = runner.refresh(key, inputs) if refresh else runner.cached(key, inputs)
+            noise = self._call(runner, refresh, key, inputs, actions)
         except ShapeLimitError as error:
             if self.warming or not refresh:
                 raise ShapeLimitError(
@@ -136,7 +145,7 @@ class ShapeRunner:
                     "(strict=False) run it on the eager split. Raise fastcache.runtime.RECOMPILE_LIMIT "
                     "before accelerate to hold more shapes."
                 ) from error
-            return self._run_past_limit(key, inputs, error)
+            return self._run_past_limit(key, inputs, error, actions)
         except FastCacheError:  # ShapeNotWarmedError, and errors that say what to do already
             raise
         except Exception as error:
@@ -144,7 +153,8 @@ class ShapeRunner:
         self._failed.pop(key, None)
         return noise
 
-    def _run_past_limit(self, key: Hashable, inputs: StepInputs, error: ShapeLimitError) -> Tensor:
+    def _run_past_limit(self, key: Hashable, inputs: StepInputs, error: ShapeLimitError,
+                        actions: tuple[str, str, str] | None = None) -> Tensor:
         """A new shape past RECOMPILE_LIMIT, while serving: its own eager split, warned once."""
         self._eager_keys.add(key)
         logger.warning(
@@ -152,7 +162,7 @@ class ShapeRunner:
             "from now on, and the prepared shapes keep theirs. Warm up the shapes you serve, or raise "
             "fastcache.runtime.RECOMPILE_LIMIT before accelerate.", error,
         )
-        return self._fallback.refresh(key, inputs)
+        return self._call(self._fallback, True, key, inputs, actions)
 
     def _preparation_failed(self, refresh: bool, key: Hashable, inputs: StepInputs, error: Exception) -> FastCacheError:
         """The error to raise for a failure while preparing `key`."""

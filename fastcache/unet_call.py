@@ -141,6 +141,23 @@ class StepInputs:
             {name: copy(value) for name, value in self.added.items()},
         )
 
+    def first_half(self) -> "StepInputs":
+        """The first half of the batch: the unconditional half of a classifier-free-guidance batch
+        (diffusers' pipelines put it first), which TGATE runs alone after its gate."""
+        batch = self.sample.shape[0]
+        if batch % 2:
+            raise InvalidInputError(f"a classifier-free-guidance batch has an even size; this one has {batch}")
+
+        def cut(value: Any) -> Any:
+            if isinstance(value, tuple):
+                return tuple(cut(item) for item in value)
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+                return value[: batch // 2]
+            return value
+
+        return StepInputs(cut(self.sample), cut(self.timestep), cut(self.encoder_hidden_states),
+                          {name: cut(value) for name, value in self.added.items()})
+
     def tensors(self) -> dict[str, Tensor]:
         """Every tensor by a flat name, in a fixed order (a None entry of a tuple, an unmasked
         IP-Adapter, has no name: the names present tell the shape keys apart)."""

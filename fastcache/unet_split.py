@@ -13,6 +13,13 @@ with ``layers_per_block`` layers per level as ``id = block * (layers_per_block +
 
 Both call the U-Net's own sub-modules in diffusers' order, so ``full`` equals ``unet.forward``
 bit for bit when run eagerly. Neither knows about compilation, graphs or scheduling.
+
+TGATE (tgate.py) adds ``full_tgate`` and ``shallow_tgate``: the same functions, where each
+transformer block's self- and cross-attention output is computed, computed and returned for later
+(a *store*, whole or as the mean of the guided halves), or taken from the given caches (a
+*reuse*), as a static tuple of actions says. Those run the transformer blocks' own steps here
+(`_transformer_tgate`; layer-norm blocks as SD 1.x/2.x and SDXL have, checked by `tgate_support`),
+calling each attention module as diffusers does.
 """
 
 from __future__ import annotations
@@ -24,7 +31,11 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidConfigError, UnsupportedPipelineError
+from .tgate import REUSE, STORE, STORE_MEAN
 from .unet_call import IP_ADAPTER_PROJECTION
+
+# A TGATE run's context inside a split function: (actions, caches read, outputs stored).
+Tgate = tuple[tuple[str, str, str], Mapping[str, Tensor], dict[str, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -134,6 +145,35 @@ def unet_layout(unet: Any) -> UNetLayout:
     return UNetLayout(num_levels=len(unet.down_blocks), layers_per_block=next(iter(per_level)))
 
 
+def tgate_support(unet: Any) -> None:
+    """Raise UnsupportedPipelineError unless every transformer block of `unet` is one that
+    `UNetSplit._transformer_tgate` runs exactly (SD 1.x/2.x and SDXL U-Nets are)."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    problems = []
+    transformers = [t for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if block is not None
+                    for t in (getattr(block, "attentions", None) or ())]
+    for transformer in transformers:
+        if type(transformer) is not Transformer2DModel or not transformer.is_input_continuous:
+            problems.append(f"{type(transformer).__name__} (supported: Transformer2DModel on continuous input)")
+            continue
+        for block in transformer.transformer_blocks:
+            if type(block) is not BasicTransformerBlock:
+                problems.append(f"transformer block {type(block).__name__}")
+            elif (block.norm_type != "layer_norm" or block.pos_embed is not None or block.only_cross_attention
+                  or block.attn2 is None or hasattr(block, "fuser")):
+                problems.append(f"a transformer block with norm_type={block.norm_type!r}, positional embedding, "
+                                "cross-attention only, no cross-attention or GLIGEN")
+            elif any(attn.residual_connection or attn.rescale_output_factor != 1.0 for attn in (block.attn1, block.attn2)):
+                problems.append("attention with a residual connection or an output rescale")
+    if problems:
+        raise UnsupportedPipelineError(
+            "gate_step (TGATE) is not supported for this U-Net: " + "; ".join(sorted(set(problems)))
+            + " (supported: SD 1.x/2.x and SDXL U-Nets)"
+        )
+
+
 class UNetSplit:
     """A U-Net divided at one skip branch into `full` and `shallow` (see the module docstring).
 
@@ -152,17 +192,7 @@ class UNetSplit:
         self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added: Mapping[str, Any]
     ) -> tuple[Tensor, Tensor]:
         """The whole U-Net; returns (noise prediction, kept features for `shallow`)."""
-        emb, context, hidden = self._embed(sample, timestep, encoder_hidden_states, added)
-        attention_kwargs = self._attention_kwargs(added)
-        skips = [hidden]
-        hidden = self._down(hidden, emb, context, attention_kwargs, skips, stop=None)
-        skips = self._add_residuals(skips, added)
-        mid = self._mid(hidden, emb, context, attention_kwargs)
-        hidden = mid + added["mid_residual"] if "mid_residual" in added else mid
-        hidden, kept = self._up(hidden, emb, context, attention_kwargs, skips, sample.shape, start=None)
-        if self.keeps_mid_output:  # kept before the residual: a cached step adds its own (see below)
-            kept = mid
-        return self._out(hidden), kept
+        return self._full(sample, timestep, encoder_hidden_states, added, None)
 
     def shallow(
         self,
@@ -173,14 +203,87 @@ class UNetSplit:
         kept: Tensor,
     ) -> Tensor:
         """Only the shallow branch, with `kept` (from `full` at an earlier step) for the deep path."""
+        return self._shallow(sample, timestep, encoder_hidden_states, added, kept, None)
+
+    def full_tgate(
+        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added: Mapping[str, Any],
+        actions: tuple[str, str, str], caches: Mapping[str, Tensor],
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """`full` with TGATE's attention `actions` (tgate.TgateStep.actions): reads `caches`
+        (names from `tgate_reads`), returns (noise, kept, the outputs it stored by name)."""
+        stored: dict[str, Tensor] = {}
+        noise, kept = self._full(sample, timestep, encoder_hidden_states, added, (actions, caches, stored))
+        return noise, kept, stored
+
+    def shallow_tgate(
+        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added: Mapping[str, Any],
+        kept: Tensor, actions: tuple[str, str, str], caches: Mapping[str, Tensor],
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """`shallow` with TGATE's attention `actions`; returns (noise, the outputs it stored)."""
+        stored: dict[str, Tensor] = {}
+        noise = self._shallow(sample, timestep, encoder_hidden_states, added, kept, (actions, caches, stored))
+        return noise, stored
+
+    def tgate_reads(self, refresh: bool, actions: tuple[str, str, str]) -> tuple[str, ...]:
+        """The cache names a TGATE function with `actions` reads (full: `refresh`)."""
+        ca, sa_shallow, sa_deep = actions
+        names = []
+        for name, shallow in self.attention_blocks():
+            if not (shallow or refresh):
+                continue
+            if ca == REUSE:
+                names.append("ca:" + name)
+            if (sa_shallow if shallow else sa_deep) == REUSE:
+                names.append("sa:" + name)
+        return tuple(sorted(names))
+
+    def attention_blocks(self) -> list[tuple[str, bool]]:
+        """(name, in the shallow branch) of every transformer block, as the TGATE caches name them."""
+        unet, point = self.unet, self.point
+        blocks = []
+        for level, block in enumerate(unet.down_blocks):
+            for layer, transformer in enumerate(getattr(block, "attentions", None) or ()):
+                shallow = (level, layer) < (point.block, point.layer)
+                blocks += [(f"down.{level}.{layer}.{k}", shallow) for k in range(len(transformer.transformer_blocks))]
+        for index, transformer in enumerate(getattr(unet.mid_block, "attentions", None) or ()):
+            blocks += [(f"mid.{index}.{k}", False) for k in range(len(transformer.transformer_blocks))]
+        num_levels = len(unet.up_blocks)
+        for index, block in enumerate(unet.up_blocks):
+            level = num_levels - 1 - index
+            num_layers = len(block.resnets)
+            for position, transformer in enumerate(getattr(block, "attentions", None) or ()):
+                shallow = (level, num_layers - 1 - position) <= (point.block, point.layer)
+                blocks += [(f"up.{level}.{position}.{k}", shallow) for k in range(len(transformer.transformer_blocks))]
+        return blocks
+
+    def _full(
+        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added: Mapping[str, Any],
+        tg: Tgate | None,
+    ) -> tuple[Tensor, Tensor]:
         emb, context, hidden = self._embed(sample, timestep, encoder_hidden_states, added)
         attention_kwargs = self._attention_kwargs(added)
         skips = [hidden]
-        self._down(hidden, emb, context, attention_kwargs, skips, stop=self.point)
+        hidden = self._down(hidden, emb, context, attention_kwargs, skips, stop=None, tg=tg)
+        skips = self._add_residuals(skips, added)
+        mid = self._mid(hidden, emb, context, attention_kwargs, tg)
+        hidden = mid + added["mid_residual"] if "mid_residual" in added else mid
+        hidden, kept = self._up(hidden, emb, context, attention_kwargs, skips, sample.shape, start=None, tg=tg)
+        if self.keeps_mid_output:  # kept before the residual: a cached step adds its own (see below)
+            kept = mid
+        return self._out(hidden), kept
+
+    def _shallow(
+        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added: Mapping[str, Any],
+        kept: Tensor, tg: Tgate | None,
+    ) -> Tensor:
+        emb, context, hidden = self._embed(sample, timestep, encoder_hidden_states, added)
+        attention_kwargs = self._attention_kwargs(added)
+        skips = [hidden]
+        self._down(hidden, emb, context, attention_kwargs, skips, stop=self.point, tg=tg)
         skips = self._add_residuals(skips, added)
         if self.keeps_mid_output and "mid_residual" in added:
             kept = kept + added["mid_residual"]
-        hidden, _ = self._up(kept, emb, context, attention_kwargs, skips, sample.shape, start=self.point)
+        hidden, _ = self._up(kept, emb, context, attention_kwargs, skips, sample.shape, start=self.point, tg=tg)
         return self._out(hidden)
 
     @property
@@ -218,8 +321,12 @@ class UNetSplit:
         masks = added.get("ip_adapter_masks")
         return None if masks is None else {"ip_adapter_masks": list(masks)}
 
-    @staticmethod
-    def _attend(attention: Any, hidden: Tensor, context: Tensor, attention_kwargs: dict[str, Any] | None) -> Tensor:
+    def _attend(
+        self, attention: Any, hidden: Tensor, context: Tensor, attention_kwargs: dict[str, Any] | None,
+        tg: Tgate | None = None, name: str = "", shallow: bool = False,
+    ) -> Tensor:
+        if tg is not None:
+            return self._transformer_tgate(attention, hidden, context, attention_kwargs, tg, name, shallow)
         return attention(
             hidden,
             encoder_hidden_states=context,
@@ -231,7 +338,7 @@ class UNetSplit:
 
     def _down(
         self, hidden: Tensor, emb: Tensor, context: Tensor, attention_kwargs: dict[str, Any] | None,
-        skips: list[Tensor], stop: BranchPoint | None,
+        skips: list[Tensor], stop: BranchPoint | None, tg: Tgate | None = None,
     ) -> Tensor:
         """Down path; appends every skip tensor. With `stop`, ends just before layer (block, layer)."""
         for level, block in enumerate(self.unet.down_blocks):
@@ -241,7 +348,9 @@ class UNetSplit:
                     return hidden
                 hidden = resnet(hidden, emb)
                 if attentions is not None:
-                    hidden = self._attend(attentions[layer], hidden, context, attention_kwargs)
+                    shallow = (level, layer) < (self.point.block, self.point.layer)
+                    hidden = self._attend(attentions[layer], hidden, context, attention_kwargs, tg,
+                                          f"down.{level}.{layer}", shallow)
                 skips.append(hidden)
             if stop is not None and level == stop.block:  # stop.layer is the downsampler's slot
                 return hidden
@@ -259,9 +368,19 @@ class UNetSplit:
             return skips
         return [skip + residual for skip, residual in zip(skips, residuals)]
 
-    def _mid(self, hidden: Tensor, emb: Tensor, context: Tensor, attention_kwargs: dict[str, Any] | None) -> Tensor:
+    def _mid(
+        self, hidden: Tensor, emb: Tensor, context: Tensor, attention_kwargs: dict[str, Any] | None,
+        tg: Tgate | None = None,
+    ) -> Tensor:
         mid = self.unet.mid_block
         if mid is None:
+            return hidden
+        if tg is not None and getattr(mid, "has_cross_attention", False):
+            # UNetMidBlock2DCrossAttn.forward's steps, with TGATE's attention.
+            hidden = mid.resnets[0](hidden, emb)
+            for index, (attention, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+                hidden = self._attend(attention, hidden, context, attention_kwargs, tg, f"mid.{index}", False)
+                hidden = resnet(hidden, emb)
             return hidden
         if getattr(mid, "has_cross_attention", False):
             return mid(
@@ -279,6 +398,7 @@ class UNetSplit:
         skips: list[Tensor],
         sample_shape: torch.Size,
         start: BranchPoint | None,
+        tg: Tgate | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Up path, consuming `skips` from the end.
 
@@ -314,12 +434,63 @@ class UNetSplit:
                     )
                 hidden = resnet(torch.cat([hidden, skip], dim=1), emb)
                 if attentions is not None:
-                    hidden = self._attend(attentions[position], hidden, context, attention_kwargs)
+                    shallow = (level, layer) <= (point.block, point.layer)
+                    hidden = self._attend(attentions[position], hidden, context, attention_kwargs, tg,
+                                          f"up.{level}.{position}", shallow)
             if block.upsamplers is not None:
                 upsample_size = skips[-1].shape[2:] if (index < num_levels - 1 and forward_upsample_size) else None
                 for upsampler in block.upsamplers:
                     hidden = upsampler(hidden, upsample_size)
         return hidden, kept
+
+    def _transformer_tgate(
+        self, transformer: Any, hidden: Tensor, context: Tensor, attention_kwargs: dict[str, Any] | None,
+        tg: Tgate, name: str, shallow: bool,
+    ) -> Tensor:
+        """Transformer2DModel.forward (continuous input) and BasicTransformerBlock.forward
+        (layer norm) step by step, each attention output computed, stored or reused as `tg` says."""
+        (ca, sa_shallow, sa_deep), caches, stored = tg
+        sa = sa_shallow if shallow else sa_deep
+        batch, _, height, width = hidden.shape
+        residual = hidden
+        hidden, inner_dim = transformer._operate_on_continuous_inputs(hidden)
+        kwargs = dict(attention_kwargs) if attention_kwargs else {}
+        for k, block in enumerate(transformer.transformer_blocks):
+            key = f"{name}.{k}"
+            out = self._attention_tgate(block.attn1, block.norm1(hidden), None, kwargs, sa, "sa:" + key, caches, stored)
+            hidden = out + hidden
+            if hidden.ndim == 4:
+                hidden = hidden.squeeze(1)
+            out = self._attention_tgate(block.attn2, block.norm2(hidden), context, kwargs, ca, "ca:" + key, caches, stored)
+            hidden = out + hidden
+            normed = block.norm3(hidden)
+            if block._chunk_size is not None:
+                from diffusers.models.attention import _chunked_feed_forward
+
+                ff_output = _chunked_feed_forward(block.ff, normed, block._chunk_dim, block._chunk_size)
+            else:
+                ff_output = block.ff(normed)
+            hidden = ff_output + hidden
+            if hidden.ndim == 4:
+                hidden = hidden.squeeze(1)
+        return transformer._get_output_for_continuous_inputs(
+            hidden_states=hidden, residual=residual, batch_size=batch, height=height, width=width, inner_dim=inner_dim,
+        )
+
+    @staticmethod
+    def _attention_tgate(
+        attention: Any, hidden: Tensor, context: Tensor | None, kwargs: dict[str, Any], action: str, key: str,
+        caches: Mapping[str, Tensor], stored: dict[str, Tensor],
+    ) -> Tensor:
+        if action == REUSE:
+            return caches[key]
+        out = attention(hidden, encoder_hidden_states=context, attention_mask=None, **kwargs)
+        if action == STORE:
+            stored[key] = out
+        elif action == STORE_MEAN:  # the package's keep_shape=False: (uncond + text) / 2
+            uncond, text = out.chunk(2)
+            stored[key] = (uncond + text) / 2
+        return out
 
     def _out(self, hidden: Tensor) -> Tensor:
         unet = self.unet
