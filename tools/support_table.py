@@ -112,7 +112,7 @@ def _row_order(feature: str) -> tuple[int, str]:
 def render(cells: list[Covered]) -> str:
     """The Markdown between the markers: table, how it is made, and the tests behind each cell."""
     by_cell: dict[tuple[str, str], list[Covered]] = defaultdict(list)
-    for cell in cells:
+    for cell in sorted(cells, key=lambda cell: cell.nodeid):  # not collection order: conftest reorders files
         by_cell[cell.feature, cell.check].append(cell)
     features = sorted({cell.feature for cell in cells}, key=_row_order)
     lines = ["| pipeline, scheduler or option | " + " | ".join(CHECKS) + " |", "|---" * (len(CHECKS) + 1) + "|"]
