@@ -106,6 +106,16 @@ def run_demo(args: argparse.Namespace) -> list[DemoResult]:
         results.append(_result("fastcache", generate, device, args.repeats, setup_seconds))
     finally:
         handle.disable()
+    if args.gate_step is not None:
+        setup = time.perf_counter()
+        handle = fastcache.accelerate(pipe, cache_interval=args.interval, cache_branch_id=args.branch,
+                                      compile=args.compile, gate_step=args.gate_step)
+        try:
+            handle.warmup(height=None, width=None, batch_size=1, num_inference_steps=args.steps)
+            results.append(_result(f"fastcache+TGATE {args.gate_step}", generate, device, args.repeats,
+                                   time.perf_counter() - setup))
+        finally:
+            handle.disable()
     return results
 
 
@@ -136,14 +146,14 @@ def report(results: list[DemoResult], args: argparse.Namespace) -> str:
     lines = [
         f"tiny {args.pipeline} pipeline, {args.steps} steps, cache_interval={args.interval}, "
         f"cache_branch_id={args.branch}, compile={args.compile}, median of {args.repeats} runs (min-max)",
-        f"{'method':<18}{'s/image':>10}{'min-max':>17}{'speed-up':>10}{'max |diff| vs plain':>22}"
+        f"{'method':<20}{'s/image':>10}{'min-max':>17}{'speed-up':>10}{'max |diff| vs plain':>22}"
         f"{'PSNR vs plain':>15}{'setup s':>10}",
     ]
     for result in results:
         diff = float(np.abs(result.image - plain.image).max())
         spread = f"{min(result.samples):.4f}-{max(result.samples):.4f}" if result.samples else "-"
         lines.append(
-            f"{result.method:<18}{result.seconds:>10.4f}{spread:>17}{plain.seconds / result.seconds:>9.2f}x"
+            f"{result.method:<20}{result.seconds:>10.4f}{spread:>17}{plain.seconds / result.seconds:>9.2f}x"
             f"{diff:>22.3g}{psnr(result.image, plain.image):>15.1f}{result.setup_seconds:>10.1f}"
         )
     by_name = {r.method: r for r in results}
@@ -156,6 +166,9 @@ def report(results: list[DemoResult], args: argparse.Namespace) -> str:
     else:
         lines.append("no DeepCache row: the DeepCache package is not installed (pip install DeepCache==0.1.1, "
                      "or install fastcache with the [test] extra)")
+    if args.gate_step is None:
+        lines.append("TGATE on top: --gate-step 10 adds fastcache with gate_step=10 (no guidance and cached "
+                     "cross-attention after step 10; docs/options.md, \"TGATE\", has its measured gain and cost)")
     lines.append(_trust_line())
     return "\n".join(lines)
 
@@ -166,7 +179,7 @@ def save_images(results: list[DemoResult], out: str) -> list[str]:
     os.makedirs(out, exist_ok=True)
     paths = []
     for result in results:
-        name = result.method.split()[0].lower() + ".png"
+        name = result.method.split()[0].lower().replace("+", "-") + ".png"
         path = os.path.join(out, name)
         Image.fromarray((np.clip(result.image, 0, 1) * 255).round().astype(np.uint8)).save(path)
         paths.append(path)
@@ -180,6 +193,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--branch", type=int, default=0, help="cache_branch_id")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gate-step", type=int, default=None,
+                        help="also run fastcache with TGATE from this step on (gate_step)")
     parser.add_argument("--prompt", default="a photo of an astronaut riding a horse on the moon")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="run the split eagerly")

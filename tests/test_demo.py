@@ -36,3 +36,18 @@ def test_psnr_reference_values():
 def test_cli_help_lists_demo():
     result = subprocess.run([sys.executable, "-m", "fastcache", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in result.stdout
+
+
+def test_demo_with_a_gate_step_adds_the_tgate_row(tmp_path, capsys):
+    """--gate-step runs fastcache with TGATE too (its equality with the tgate package is
+    tests/test_tgate.py's): a row of its own, and an image of its own that TGATE changed."""
+    code = cli.main(["demo", "--steps", "4", "--repeats", "1", "--no-compile", "--gate-step", "2", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("fastcache+TGATE 2 "))
+    assert float(row.split()[5]) > 0  # max |diff| vs plain
+    assert "--gate-step 10 adds" not in out
+    from PIL import Image
+
+    tgate, fast = (np.asarray(Image.open(tmp_path / name), dtype=np.int16) for name in ("fastcache-tgate.png", "fastcache.png"))
+    assert np.abs(tgate - fast).max() > 0
