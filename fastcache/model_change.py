@@ -35,9 +35,7 @@ class ModelState:
         self._config = config
         self._make_runner = make_runner
         self._dispatcher = dispatcher
-        self.device = device
-        self.lora = LoraScales(install.unet, device)
-        self.fingerprint = model_fingerprint(install.unet)
+        self._describe(device)
 
     def check(self, full: bool = False) -> None:
         """Prepare graphs again if the U-Net changed since they were built; the fingerprint is
@@ -89,7 +87,11 @@ class ModelState:
     def rebuild(self, device: torch.device, split: Split) -> None:
         """A new runner (graphs compiled and captured again on first use) and LoRA scale buffer."""
         self._shapes.replace(self._make_runner(split, self._config, device), split)
+        self._describe(device)
+        self._dispatcher.rearm()
+
+    def _describe(self, device: torch.device) -> None:
+        """The device, LoRA scale buffer and fingerprint of the U-Net as it is now."""
         self.device = device
         self.lora = LoraScales(self._install.unet, device)
         self.fingerprint = model_fingerprint(self._install.unet)
-        self._dispatcher.rearm()
