@@ -138,6 +138,10 @@ class Method:
         """Refresh (True) or cached (False) per U-Net call of the latest pipeline call, where known."""
         return None
 
+    def call_labels(self) -> list[str] | None:
+        """What each U-Net call of the latest pipeline call ran (e.g. "refresh b2"), where known."""
+        return None
+
     def memory_details(self) -> dict[str, Any]:
         """Memory the method says it holds itself, for the results' details (while enabled)."""
         return {}
@@ -282,6 +286,10 @@ class FastCache(Method):
 
     def refresh_pattern(self) -> list[bool] | None:
         return list(self.handle.stats.last_call)
+
+    def call_labels(self) -> list[str] | None:
+        stats = self.handle.stats
+        return [f"{'refresh' if refresh else 'cached'} b{rows}" for refresh, rows in zip(stats.last_call, stats.last_call_rows)]
 
     def memory_details(self) -> dict[str, Any]:
         """``handle.memory()``: static buffers, kept features, and on CUDA the graph pool (bytes)."""

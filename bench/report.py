@@ -136,6 +136,24 @@ def step_table(result: BenchResult) -> list[str]:
     return _table(header, rows)
 
 
+def loop_call_table(result: BenchResult) -> list[str]:
+    """Each group of U-Net calls in a denoising call: its count, per-call time and share of the loop."""
+    header = ["resolution, batch", "method", "U-Net calls", "calls per loop", "s per call: median [min, max]",
+              "s per loop (calls x median)"]
+    rows = []
+    for shape in result.shapes:
+        for m in shape.methods:
+            loop = m.loop_calls
+            if loop is None:
+                continue
+            for label, stats in loop.groups.items():
+                count = loop.labels.count(label)
+                rows.append([shape.label, m.label, label, str(count), _stats_cell(stats), _s(count * stats.median)])
+            rows.append([shape.label, m.label, "all U-Net calls", str(len(loop.labels)), "-", _s(loop.unet.median)])
+            rows.append([shape.label, m.label, "whole denoising call", "-", "-", _s(loop.loop.median)])
+    return _table(header, rows) if rows else ["Not measured in this run."]
+
+
 def floor_table(result: BenchResult) -> list[str]:
     """Each method's steps against the floor: MACs counted from the config / measured matrix rate."""
     lines: list[str] = []
@@ -283,6 +301,15 @@ def markdown(result: BenchResult, plot_name: str | None, sample_dir: str | None)
         "### After a process restart (inductor's on-disk cache filled by the runs above)",
         "",
         *restart_table(result),
+        "",
+        "## U-Net calls inside a denoising call",
+        "",
+        "Extra untimed denoising calls (as many as the timed runs), each U-Net call timed by forward hooks"
+        " from an idle device to its work finished; grouped by what fastcache says each call ran (refresh or"
+        " cached; `b<rows>`: the batch rows it ran, halved after a TGATE gate); other methods' calls in one"
+        " group. The loop's rest is the scheduler and the pipeline's Python.",
+        "",
+        *loop_call_table(result),
         "",
         "## U-Net step times (direct `pipe.unet(...)` calls with the pipeline's real inputs)",
         "",

@@ -46,6 +46,25 @@ class StepTimes:
 
 
 @dataclass
+class LoopCalls:
+    """The U-Net calls inside denoising pipeline calls (untimed extra runs, each call timed from an
+    idle device to its work finished): where a pipeline call's time goes, step by step.
+
+    Groups are by what the call ran, where the method says (fastcache: refresh or cached, and the
+    batch rows it ran: half the pipeline's after a TGATE gate); a method that does not say has one
+    group of all its calls. `loop` is each run's whole pipeline call; `unet` the sum of its U-Net
+    calls; the rest (text-free here: embeddings are precomputed) is the scheduler and the loop's
+    own Python.
+    """
+
+    groups: dict[str, TimingStats]
+    labels: list[str]  # the group of each U-Net call, in order
+    per_call_median: list[float]  # median seconds of each U-Net call position over the runs
+    unet: TimingStats
+    loop: TimingStats
+
+
+@dataclass
 class MethodResult:
     """Everything measured for one method (and config) at one shape."""
 
@@ -70,6 +89,7 @@ class MethodResult:
     outputs_finite: bool  # no NaN/inf in the images and latents (random fp16 weights could overflow)
     load_average: list[float] | None = None  # 1/5/15 min after this method: competing processes show here
     refresh_pattern: list[bool] | None = None  # fastcache: last pipeline call's decisions (True = refresh)
+    loop_calls: LoopCalls | None = None
     quality_vs_eager: Quality | None = None
     speedup_end_to_end: float | None = None  # eager median / this median
     speedup_denoise: float | None = None

@@ -7,9 +7,11 @@ Per method and shape, in this order:
 2. ``runs`` timed end-to-end calls, then ``runs`` timed denoising-loop calls (peak CUDA memory,
    reserved and allocated, over both; on a CPU, tensor bytes of the second of two more untimed
    end-to-end calls; fastcache's own buffers from ``handle.memory()``);
-3. direct ``pipe.unet(...)`` calls with the pipeline's real inputs, each classified as full,
-   refresh or cached by the method's own state;
-4. ``disable``, then a check that the pipeline is as built.
+3. ``runs`` more denoising-loop calls with every U-Net call timed by hooks (grouped by what it
+   ran, where the method says: fastcache's refresh/cached and batch rows);
+4. direct ``pipe.unet(...)`` calls with the pipeline's real inputs, each classified as full,
+   refresh or cached by the method's own state (not for TGATE, which plans whole pipeline calls);
+5. ``disable``, then a check that the pipeline is as built.
 
 Quality compares the outputs of the timed calls with eager's (same seed, same prompt).
 """
@@ -31,7 +33,7 @@ from . import metrics
 from .env import load_average
 from .floor import MatmulRate, dense_matmul_rate, shape_floor
 from .methods import CACHED, FULL, REFRESH, CacheConfig, Method, Shape, is_restored, reference_kind
-from .results import Agreement, MethodResult, Quality, ShapeResult, StepTimes
+from .results import Agreement, LoopCalls, MethodResult, Quality, ShapeResult, StepTimes
 from .timing import PeakMemory, TimingStats, release_cached_memory, repeat, synchronize, timed, timed_with_host
 from .workload import UNetInputs, Workload
 
@@ -122,6 +124,48 @@ def time_steps(method: Method, pipe: Any, inputs: UNetInputs, device: torch.devi
                      stats(host[FULL]), stats(host[REFRESH]), stats(host[CACHED]))
 
 
+def time_loop_calls(method: Method, workload: Workload, device: torch.device, runs: int) -> LoopCalls:
+    """`runs` extra denoising calls with every U-Net call timed by forward hooks (which sync the
+    device around each call, so these runs are not the timed ones)."""
+    unet = workload.pipe.unet
+    starts: list[float] = []
+    seconds: list[float] = []
+
+    def before(module: Any, args: Any) -> None:
+        synchronize(device)
+        starts.append(time.perf_counter())
+
+    def after(module: Any, args: Any, output: Any) -> None:
+        synchronize(device)
+        seconds.append(time.perf_counter() - starts[-1])
+
+    calls: list[list[float]] = []
+    loops: list[float] = []
+    labels: list[str] | None = None
+    hooks = [unet.register_forward_pre_hook(before), unet.register_forward_hook(after)]
+    try:
+        for _ in range(runs):
+            starts.clear()
+            seconds.clear()
+            loop_s, _ = timed(workload.denoise, device)
+            loops.append(loop_s)
+            calls.append(list(seconds))
+            labels = method.call_labels() or ["U-Net call"] * len(seconds)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert labels is not None and all(len(run) == len(labels) for run in calls)
+    groups: dict[str, list[float]] = {}
+    for run in calls:
+        for label, value in zip(labels, run):
+            groups.setdefault(label, []).append(value)
+    return LoopCalls(
+        groups={label: TimingStats.of(values) for label, values in groups.items()}, labels=labels,
+        per_call_median=[float(np.median(column)) for column in zip(*calls)],
+        unet=TimingStats.of([sum(run) for run in calls]), loop=TimingStats.of(loops),
+    )
+
+
 def quality(actual: Outputs, reference: Outputs) -> Quality:
     return Quality(
         psnr=metrics.batch_mean(metrics.psnr, actual.images, reference.images),
@@ -134,7 +178,7 @@ def measure_method(
     method: Method, pipe: Any, workload: Workload, settings: RunSettings, device: torch.device,
     inputs_for_steps: Callable[[], UNetInputs],
 ) -> tuple[MethodResult, Outputs]:
-    """Steps 1-4 of the module docstring for one method at one shape."""
+    """Steps 1-5 of the module docstring for one method at one shape."""
     pipeline_class = type(pipe)
     counters_before = compile_counters()
     start = time.perf_counter()
@@ -155,6 +199,7 @@ def measure_method(
         if peak.parts is not None:
             details["peak_memory_parts"] = peak.parts
         pattern = method.refresh_pattern()
+        loop_calls = time_loop_calls(method, workload, device, settings.runs)
         per_interval = method.config.interval if method.config is not None else 1
         if method.config is not None and method.config.gate is not None:
             # TGATE plans whole pipeline calls (the batch halves at the gate): no direct U-Net calls.
@@ -174,7 +219,7 @@ def measure_method(
         peak_allocated_bytes=peak.allocated, peak_memory_note=peak.note,
         restored=restored,
         outputs_finite=bool(np.isfinite(outputs.images).all() and np.isfinite(outputs.latents).all()),
-        refresh_pattern=pattern, load_average=load_average(),
+        refresh_pattern=pattern, load_average=load_average(), loop_calls=loop_calls,
     )
     return result, outputs
 

@@ -64,9 +64,12 @@ class CallStats:
     cached_steps: int = 0
     # One entry per U-Net call of the latest pipeline call: True = refresh (full graph).
     last_call: list[bool] = field(default_factory=list)
+    # ... and the batch rows that call ran: half the pipeline's batch after a TGATE gate.
+    last_call_rows: list[int] = field(default_factory=list)
 
-    def record(self, refresh: bool) -> None:
+    def record(self, refresh: bool, rows: int) -> None:
         self.last_call.append(refresh)
+        self.last_call_rows.append(rows)
         self.refresh_steps += refresh
         self.cached_steps += not refresh
 
@@ -334,6 +337,7 @@ class FastCache:
         self._last_thread = threading.get_ident()
         self.stats.pipeline_calls += 1
         self.stats.last_call = []
+        self.stats.last_call_rows = []
 
     def _arm_direct_call(self) -> None:
         """A U-Net call outside a pipeline call (a custom loop, another pipeline sharing the U-Net)."""
@@ -402,7 +406,7 @@ class FastCache:
             if tgate is not None and not tgate.guided:
                 # Both halves the same noise: the pipeline's guidance u + s * (c - u) gives it back.
                 noise = torch.cat([noise, noise])
-        self.stats.record(refresh)
+        self.stats.record(refresh, int(inputs.sample.shape[0]))
         return unet_output(noise, return_dict)
 
     def _tgate_step(self, pipe: Any, scheduler: Any, timestep: Any, inputs: StepInputs) -> Any:

@@ -208,6 +208,12 @@ def test_smoke_run_writes_json_with_every_method_and_config(smoke_run):
         for kind in kinds:  # host time per step: measured before the device sync, so never above wall
             assert len(steps[f"{kind}_host"]["runs"]) == len(steps[kind]["runs"])
             assert all(0 < h <= w for h, w in zip(steps[f"{kind}_host"]["runs"], steps[kind]["runs"]))
+        loop = m["loop_calls"]  # every U-Net call of an extra denoising call, timed by hooks
+        expected_labels = ["refresh b2", "cached b2"] if m["method"] == "fastcache" else ["U-Net call"] * 2
+        assert loop["labels"] == expected_labels and len(loop["per_call_median"]) == 2
+        assert sum(len(g["runs"]) for g in loop["groups"].values()) == 2
+        assert 0 < loop["unet"]["median"] <= loop["loop"]["median"]
+        assert loop["unet"]["median"] == pytest.approx(sum(loop["per_call_median"]))
     eager = shape["methods"][0]
     assert eager["quality_vs_eager"] == {"psnr": "inf", "ssim": 1.0, "latent_rel_l2": 0}
     for config in SMOKE_CONFIGS:
@@ -236,7 +242,7 @@ def test_smoke_run_writes_markdown_plot_and_samples(smoke_run):
         assert f"| tiny | [{markdown_name}]({markdown_name}) |" in handle.read()
     header = "| resolution, batch | eager | compile | deepcache I2B0 | fastcache I2B0 | fastcache / DeepCache I2B0 |"
     assert header in text and header in stdout  # the printed table is the file's
-    headings = ("end to end", "denoising loop only", "Warm-up", "process restart", "step times", "Peak device memory",
+    headings = ("end to end", "denoising loop only", "Warm-up", "process restart", "U-Net calls inside", "step times", "Peak device memory",
                 "Quality against eager", "DeepCache and fastcache at the same config")
     for heading in headings:
         assert heading in text

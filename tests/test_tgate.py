@@ -165,6 +165,7 @@ def test_gate_past_the_last_step_is_plain_fastcache(any_pipe):
     actual, handle = fastcache_latents(any_pipe, 3, 1, STEPS + 1, compile=False)
     assert torch.equal(actual, expected)
     assert handle.stats.last_call == plain.stats.last_call
+    assert handle.stats.last_call_rows == [2] * STEPS
 
 
 def test_tgate_changes_the_result(any_pipe):
@@ -174,6 +175,8 @@ def test_tgate_changes_the_result(any_pipe):
     assert max_diff(gated, plain) > 1000 * PACKAGE_TOLERANCE
     # Refreshes: DeepCache's every 3 steps, re-armed at steps 4 (gate - 1) and 5 (the gate).
     assert handle.stats.last_call == [True, False, False, True, True, True, False, False, True, False]
+    # The guided batch (2 rows: unconditional and text) before the gate, its first half after.
+    assert handle.stats.last_call_rows == [2] * 5 + [1] * 5
 
 
 # -- compiled and graphs, against the eager TGATE path -----------------------------------------------
@@ -299,3 +302,31 @@ def test_bench_tgate_method_is_the_package_and_restores_the_pipeline(sd_pipe):
         method.disable()
     assert torch.equal(actual, expected)
     assert is_restored(sd_pipe, pipeline_class)
+
+
+def test_bench_run_times_the_calls_before_and_after_the_gate(tmp_path):
+    """`python -m bench run` with a gate config (tiny, DDIM, 4 steps, interval 2, gate 2): the
+    package's column, fastcache's, their agreement, and fastcache's U-Net calls grouped by batch:
+    refreshes at 0 and at the re-arms 1 (gate - 1) and 2 (gate), the guided batch before the gate."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "bench", "run", "--preset", "tiny", "--steps", "4", "--runs", "1",
+               "--configs", "I2B0G2", "--compile-backend", "eager", "--restart", "none", "--out", str(tmp_path)]
+    completed = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (json_name,) = [n for n in os.listdir(tmp_path) if n.startswith("tiny-") and n.endswith(".json")]
+    with open(tmp_path / json_name) as handle:
+        (shape,) = json.load(handle)["shapes"]
+    methods = {m["label"]: m for m in shape["methods"]}
+    assert list(methods) == ["eager", "compile", "tgate I2B0G2", "fastcache I2B0G2"]
+    loop = methods["fastcache I2B0G2"]["loop_calls"]
+    assert loop["labels"] == ["refresh b2", "refresh b2", "refresh b1", "cached b1"]
+    assert set(loop["groups"]) == {"refresh b2", "refresh b1", "cached b1"}
+    assert methods["tgate I2B0G2"]["loop_calls"]["labels"] == ["U-Net call"] * 4
+    (agreement,) = shape["agreements"]
+    assert agreement["fastcache_vs_deepcache"]["latent_rel_l2"] <= 1e-5
+    assert agreement["deepcache_vs_eager"]["latent_rel_l2"] > 1e-3
