@@ -220,7 +220,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``python -m bench``'s parser: run, restart-probe, warm-restart, host-overhead."""
+    """``python -m bench``'s parser: run, restart-probe, warm-restart, host-overhead, paired, serve-load."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(commands.add_parser("run", help="run the benchmark and write result files"))
@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_host_overhead_arguments(commands.add_parser(
         "host-overhead", help="host time fastcache adds per U-Net call and pipeline call (no device work)"))
+    from .paired import add_arguments as add_paired_arguments
+
+    add_paired_arguments(commands.add_parser(
+        "paired", help="methods on copies of one pipeline, called in turn each round: ratios robust to a noisy machine"))
     from .serve_load import add_arguments as add_serve_load_arguments
 
     add_serve_load_arguments(commands.add_parser(
@@ -251,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         from .restart import probe_main
 
         return probe_main(args)
+    if args.command == "paired":
+        from .paired import main as paired_main
+
+        return paired_main(args, argv)
     if args.command == "serve-load":
         from .serve_load import main as serve_load_main
 

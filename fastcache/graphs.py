@@ -60,15 +60,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from .recording import Recording
-from .runtime import (
-    CompiledFunctions, MemoryReport, Runner, Split, not_warmed_error, tensor_bytes, tgate_base, tgate_name,
-)
+from .runtime import CompiledFunctions, MemoryReport, Runner, Split, not_warmed_error, tensor_bytes
 from .unet_call import StepInputs
 
 # Runs of each function before capture: the first compiles and autotunes, the second lets lazy
@@ -291,6 +289,20 @@ class GraphRunner(Runner):
         shape = self._tgate.get(key)
         return shape is not None and (refresh, actions) in shape.graphs
 
+    def tgate_caches(self) -> Mapping[str, Tensor]:
+        return self._tgate_latest
+
+    def adopt_tgate_caches(self, caches: Mapping[str, Tensor]) -> None:
+        """Another runner's attention outputs, copied into the static buffers the graphs read (the
+        same buffer objects: captured graphs hold their addresses)."""
+        for name, value in caches.items():
+            buffer = self._tgate_latest.get(name)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                index = (name, tuple(value.shape), value.dtype)
+                buffer = self._tgate_latest[name] = self._tgate_buffers.setdefault(index, torch.empty_like(value))
+            if buffer is not value:
+                buffer.copy_(value)
+
     def run_tgate(self, refresh: bool, key: Hashable, inputs: StepInputs, actions: tuple[str, str, str]) -> Tensor:
         """A TGATE step: replay (capturing on first use) the graph of (key, refresh, actions).
 
@@ -322,7 +334,7 @@ class GraphRunner(Runner):
         self._check_new(key, "full" if refresh else "shallow")
         reads = {name: self._tgate_latest[name] for name in self.split.tgate_reads(refresh, actions)}  # type: ignore[attr-defined]
         writes: dict[str, Tensor] = {}
-        which = tgate_name("full_tgate" if refresh else "shallow_tgate", actions)
+        which = "full_tgate" if refresh else "shallow_tgate"
         if not refresh:
             assert shape.kept is not None, "the dispatcher refreshes before any cached step"
         kept_in = shape.kept
@@ -330,12 +342,12 @@ class GraphRunner(Runner):
         def function() -> Tensor:
             args = shape.static.args()
             if refresh:
-                noise, kept, stored = self._run(which, key, *args, actions, reads)
+                noise, kept, stored = self._run(which, key, *args, actions, reads, variant=actions)
                 if shape.kept is None:  # the first warm-up run, outside any capture
                     shape.kept = torch.empty_like(kept)
                 shape.kept.copy_(kept)
             else:
-                noise, stored = self._run(which, key, *args, kept_in, actions, reads)
+                noise, stored = self._run(which, key, *args, kept_in, actions, reads, variant=actions)
             for name, value in stored.items():
                 buffer = writes.get(name)
                 if buffer is None:  # the first warm-up run, outside any capture
@@ -395,10 +407,11 @@ class GraphRunner(Runner):
         assert self._streams.device == device, "a runner serves one device (accelerate rebuilds it on a move)"
         return self._streams
 
-    def _run(self, which: str, key: Hashable, *args: Any) -> Any:
+    def _run(self, which: str, key: Hashable, *args: Any, variant: Hashable = None) -> Any:
+        """The split's `which` function, compiled where this runner compiles (graph: `key`, `variant`)."""
         if self.compiled is not None:
-            return self.compiled.call(which, key, True, *args)
-        return getattr(self.split, tgate_base(which))(*args)
+            return self.compiled.call(which, key, True, *args, variant=variant)
+        return getattr(self.split, which)(*args)
 
     def _capture(self, function: Callable[[], Any], inputs: Sequence[Tensor]) -> CapturedFunction:
         """Warm up `function`, then capture it, under the process-wide lock, on the side stream.

@@ -6,7 +6,7 @@ and keeps its features, ``cached`` runs the shallow function on them. Three runn
 * `EagerRunner`: the split as plain PyTorch; the exact reference path (``compile=False``).
 * `CompiledRunner`: both functions under ``torch.compile`` (``fullgraph=True``, static shapes).
   One dynamo cache entry per shape key; a new key compiles on first use (or raises in strict
-  mode). Past RECOMPILE_LIMIT keys a new one raises `ShapeLimitError` instead of compiling, and
+  mode). Past RECOMPILE_LIMIT graphs a new one raises `ShapeLimitError` instead of compiling, and
   dynamo never falls back to eager on its own (accelerate.py decides what a shape past the limit
   runs).
 * `GraphRunner` (in graphs.py): the compiled functions captured as CUDA Graphs per shape key.
@@ -43,9 +43,11 @@ class Split(Protocol):
     def shallow(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                 added: Mapping[str, Any], kept: Tensor) -> Tensor: ...
 
-# Per compiled function of one handle: how many shape keys it compiles. A new key past it raises
-# ShapeLimitError without calling dynamo (whose own limit, set to the same number for fastcache's
-# calls only, is never the one that decides); see FastCache._run for what runs such a shape.
+# Per compiled function of one handle: how many graphs it compiles (one per shape key; TGATE's
+# functions one per shape key and attention actions: dynamo, too, counts per function). A new
+# graph past it raises ShapeLimitError without calling dynamo (whose own limit is set at least as
+# high for fastcache's calls only, and counts across handles); see FastCache._run for what runs
+# such a shape.
 RECOMPILE_LIMIT = 64
 
 
@@ -175,14 +177,26 @@ class Runner:
         split = self.split  # type: ignore[attr-defined]
         caches = {name: self._tgate_caches[name] for name in split.tgate_reads(refresh, actions)}
         if refresh:
-            noise, self._kept, stored = self._tgate_call(tgate_name("full_tgate", actions), key, *inputs.args(), actions, caches)
+            noise, self._kept, stored = self._tgate_call("full_tgate", key, actions, *inputs.args(), actions, caches)
         else:
             assert self._kept is not None, "the dispatcher refreshes before any cached step"
-            noise, stored = self._tgate_call(tgate_name("shallow_tgate", actions), key, *inputs.args(), self._kept, actions, caches)
+            noise, stored = self._tgate_call("shallow_tgate", key, actions, *inputs.args(), self._kept, actions, caches)
         self._tgate_caches.update(stored)
         return noise
 
-    def _tgate_call(self, which: str, key: Hashable, *args: Any) -> Any:
+    def tgate_caches(self) -> Mapping[str, Tensor]:
+        """The attention outputs TGATE steps stored, by name: their latest values."""
+        return self._tgate_caches
+
+    def adopt_tgate_caches(self, caches: Mapping[str, Tensor]) -> None:
+        """Take the attention outputs another runner's steps stored: a call whose shapes run on two
+        runners (the guided batch compiled, the unguided half on the eager split past the graph
+        limit, or the reverse) reads after the gate what was stored before it."""
+        self._tgate_caches.update(caches)
+
+    def _tgate_call(self, which: str, key: Hashable, actions: tuple[str, str, str], *args: Any) -> Any:
+        """Run the split's `which` TGATE function on `args`; its graph is told apart from the
+        function's other graphs by the shape `key` and the static `actions`."""
         raise NotImplementedError
 
     def release(self) -> None:
@@ -222,11 +236,11 @@ class EagerRunner(Runner):
         assert self._kept is not None, "the dispatcher refreshes before any cached step"
         return self.split.shallow(*inputs.args(), self._kept)
 
-    def _tgate_call(self, which: str, key: Hashable, *args: Any) -> Any:
-        full = which.startswith("full")
+    def _tgate_call(self, which: str, key: Hashable, actions: tuple[str, str, str], *args: Any) -> Any:
+        full = which == "full_tgate"
         if full and key not in self._ran and not self.may_prepare(key):
             raise not_warmed_error(key, "full", self._ran)
-        result = getattr(self.split, tgate_base(which))(*args)
+        result = getattr(self.split, which)(*args)
         if full:
             self._ran.add(key)
         return result
@@ -235,15 +249,6 @@ class EagerRunner(Runner):
         self._kept = None
         self._tgate_caches.clear()
         self._ran.clear()
-
-
-def tgate_name(base: str, actions: tuple[str, str, str]) -> str:
-    """The name of a TGATE function with static `actions`, as the runners count its graphs."""
-    return f"{base}[{','.join(actions)}]"
-
-
-def tgate_base(which: str) -> str:
-    return which.split("[", 1)[0]
 
 
 def compile_kwargs(backend: str, mode: str | None = None, inductor_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -273,11 +278,13 @@ def compile_kwargs(backend: str, mode: str | None = None, inductor_options: Mapp
 class CompiledFunctions:
     """``torch.compile`` of a split's two functions, with per-shape-key bookkeeping.
 
-    `call` compiles a new key on first use (raising ShapeNotWarmedError instead when new shapes
-    are not allowed, ShapeLimitError past RECOMPILE_LIMIT keys), and in strict serving runs known
-    keys with dynamo told to fail rather than recompile (ShapeNotWarmedError). Dynamo's own limit
-    is RECOMPILE_LIMIT for these calls and hitting it raises (ShapeLimitError): a U-Net never
-    drops to eager inside dynamo.
+    `call` compiles a new graph on first use (raising ShapeNotWarmedError instead when new shapes
+    are not allowed, ShapeLimitError past RECOMPILE_LIMIT graphs of one function), and in strict
+    serving runs known graphs with dynamo told to fail rather than recompile (ShapeNotWarmedError).
+    A function has one graph per shape key, and TGATE's functions one per shape key and static
+    attention actions (its `variant`): counted per function, as dynamo counts per code object.
+    Dynamo's own limit is at least RECOMPILE_LIMIT for these calls and hitting it raises
+    (ShapeLimitError): a U-Net never drops to eager inside dynamo.
 
     Every dynamo setting is changed for the calling thread only (`dynamo_policy`): torch's
     process-wide compiler stance and other threads' functions are never touched.
@@ -290,22 +297,24 @@ class CompiledFunctions:
             "full": torch.compile(split.full, **options),
             "shallow": torch.compile(split.shallow, **options),
         }
-        for name in ("full_tgate", "shallow_tgate"):  # one graph per shape key and attention actions
+        for name in ("full_tgate", "shallow_tgate"):
             if hasattr(split, name):
                 self.functions[name] = torch.compile(getattr(split, name), **options)
-        self.compiled: dict[str, set[Hashable]] = {"full": set(), "shallow": set()}
+        # Per function, its graphs: a shape key, or (shape key, variant) for TGATE's functions.
+        self.compiled: dict[str, set[Hashable]] = {name: set() for name in self.functions}
 
     @property
     def count(self) -> int:
-        return sum(len(keys) for keys in self.compiled.values())
+        return sum(len(graphs) for graphs in self.compiled.values())
 
-    def is_compiled(self, which: str, key: Hashable) -> bool:
-        return key in self.compiled.get(which, ())
+    def is_compiled(self, which: str, key: Hashable, variant: Hashable = None) -> bool:
+        return _graph(key, variant) in self.compiled[which]
 
-    def call(self, which: str, key: Hashable, allow_new: bool, *args: Any) -> Any:
-        """Run `which` at `key`; `allow_new`: whether a new key may be compiled now. When it may
-        not (strict serving), a known key may not be compiled again either."""
-        known = key in self.compiled.setdefault(which, set())
+    def call(self, which: str, key: Hashable, allow_new: bool, *args: Any, variant: Hashable = None) -> Any:
+        """Run `which` at `key` (and `variant`); `allow_new`: whether a new graph may be compiled
+        now. When it may not (strict serving), a known graph may not be compiled again either."""
+        graph = _graph(key, variant)
+        known = graph in self.compiled[which]
         if not known and not allow_new:
             raise not_warmed_error(key, which, self.compiled["full"])
         if not known and len(self.compiled[which]) >= RECOMPILE_LIMIT:
@@ -314,7 +323,7 @@ class CompiledFunctions:
 
         try:
             with dynamo_policy(fail_on_recompile=known and not allow_new):
-                result = self.functions[tgate_base(which)](*args)
+                result = self.functions[which](*args)
         except RecompileError as error:  # strict serving, a known key whose guards failed
             raise ShapeNotWarmedError(
                 f"strict serving: the warmed {which} U-Net graph for {describe_key(key)} would be "
@@ -324,8 +333,12 @@ class CompiledFunctions:
         except FailOnRecompileLimitHit as error:  # dynamo's count, shared by every handle, is full
             raise shape_limit_error(key, which, process_wide=True) from error
         if not known:
-            self.compiled[which].add(key)
+            self.compiled[which].add(graph)
         return result
+
+
+def _graph(key: Hashable, variant: Hashable) -> Hashable:
+    return key if variant is None else (key, variant)
 
 
 def shape_limit_error(key: Hashable, which: str, process_wide: bool = False) -> ShapeLimitError:
@@ -333,8 +346,8 @@ def shape_limit_error(key: Hashable, which: str, process_wide: bool = False) -> 
         "dynamo already holds as many graphs of the U-Net functions as it allows per process (every "
         "fastcache handle and model change counts; torch._dynamo.config.accumulated_recompile_limit)"
         if process_wide
-        else f"the {which} U-Net function of this handle already holds graphs for {RECOMPILE_LIMIT} "
-        "shapes (fastcache.runtime.RECOMPILE_LIMIT)"
+        else f"the {which} U-Net function of this handle already holds {RECOMPILE_LIMIT} graphs (one per "
+        "shape; TGATE's, one per shape and attention plan; fastcache.runtime.RECOMPILE_LIMIT)"
     )
     return ShapeLimitError(f"{holder}, so {describe_key(key)} gets none")
 
@@ -407,10 +420,10 @@ class CompiledRunner(Runner):
         return self._call("shallow", key, *without_inference_tensors(inputs.args()), self._kept)
 
     def tgate_prepared(self, key: Hashable, refresh: bool, actions: tuple[str, str, str]) -> bool:
-        return self.compiled.is_compiled(tgate_name("full_tgate" if refresh else "shallow_tgate", actions), key)
+        return self.compiled.is_compiled("full_tgate" if refresh else "shallow_tgate", key, actions)
 
-    def _tgate_call(self, which: str, key: Hashable, *args: Any) -> Any:
-        return self._call(which, key, *without_inference_tensors(args))
+    def _tgate_call(self, which: str, key: Hashable, actions: tuple[str, str, str], *args: Any) -> Any:
+        return self.compiled.call(which, key, self.may_prepare(key), *without_inference_tensors(args), variant=actions)
 
     def release(self) -> None:
         self._kept = None

@@ -69,6 +69,7 @@ class ShapeRunner:
         self.seen: set[Hashable] = set()  # served (a shape refused in strict mode is not "seen")
         self._fallback = EagerRunner(split)
         self._eager_keys: set[Hashable] = set()
+        self._tgate_runner: Runner | None = None  # the runner of the latest TGATE step
         self._failed: dict[Hashable, str] = {}  # the message of each shape's failure
         self._compilations_before = 0
         self._on_first_failure = on_first_failure
@@ -97,6 +98,7 @@ class ShapeRunner:
         self._fallback.release()
         self._fallback = EagerRunner(split)  # the split may be a new U-Net's
         self._eager_keys.clear()  # the new runner has room for them, and failures may not recur
+        self._tgate_runner = None
         self._failed.clear()
 
     def release(self) -> None:
@@ -110,10 +112,12 @@ class ShapeRunner:
         self.seen.add(key)
         return noise
 
-    @staticmethod
-    def _call(runner: Runner, refresh: bool, key: Hashable, inputs: StepInputs,
+    def _call(self, runner: Runner, refresh: bool, key: Hashable, inputs: StepInputs,
               actions: tuple[str, str, str] | None) -> Tensor:
         if actions is not None:
+            if self._tgate_runner is not None and self._tgate_runner is not runner:
+                runner.adopt_tgate_caches(self._tgate_runner.tgate_caches())  # stored on the other runner
+            self._tgate_runner = runner
             return runner.run_tgate(refresh, key, inputs, actions)
         return runner.refresh(key, inputs) if refresh else runner.cached(key, inputs)
 
@@ -122,7 +126,7 @@ class ShapeRunner:
             if self.warming:
                 raise ShapeLimitError(
                     f"{describe_key(key)} runs on the eager split: this handle's graphs were full when it "
-                    "was first served (fastcache.runtime.RECOMPILE_LIMIT shapes per U-Net function), so "
+                    "was first served (fastcache.runtime.RECOMPILE_LIMIT graphs per U-Net function), so "
                     "warmup() cannot prepare graphs for it; the prepared shapes keep theirs"
                 )
             return self._call(self._fallback, refresh, key, inputs, actions)

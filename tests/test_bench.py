@@ -370,3 +370,36 @@ def test_result_files_are_written_with_an_index_of_the_newest_and_strict_json(tm
                     "[json](other-kind-20261124-235959.json) |"]
     with pytest.raises(ValueError):
         write_result_files(str(tmp_path), "nan", {"x": math.nan}, "")
+
+
+def test_paired_run_alternates_the_methods_and_writes_ratios(tmp_path):
+    """`python -m bench paired` on the tiny preset: each round calls every method once, in a rotated
+    order; ratios are per round against the first method, whose own ratio is exactly 1."""
+    command = [sys.executable, "-m", "bench", "paired", "--preset", "tiny", "--steps", "2", "--rounds", "3",
+               "--methods", "eager,fastcache:I2B0", "--compile-backend", "eager", "--out", str(tmp_path)]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (json_name,) = [n for n in os.listdir(tmp_path) if n.startswith("paired-tiny-") and n.endswith(".json")]
+    with open(tmp_path / json_name) as handle:
+        result = json.load(handle)
+    eager, fastcache = result["methods"]
+    assert [eager["label"], fastcache["label"]] == ["eager", "fastcache I2B0"]
+    assert result["order"] == [["eager", "fastcache I2B0"], ["fastcache I2B0", "eager"], ["eager", "fastcache I2B0"]]
+    assert eager["speedup"]["runs"] == [1.0, 1.0, 1.0] and eager["latent_rel_l2"] == 0
+    ratios = [e / f for e, f in zip(eager["seconds"]["runs"], fastcache["seconds"]["runs"])]
+    assert fastcache["speedup"]["runs"] == pytest.approx(ratios)
+    assert 0 < fastcache["latent_rel_l2"] < 0.5  # the cached step moves the latents, a little
+    assert "paired timing" in completed.stdout and "**1.000x**" in completed.stdout
+
+
+def test_paired_methods_are_parsed_with_clear_errors():
+    from bench.methods import CompileSettings
+    from bench.paired import parse_method
+
+    settings = CompileSettings("eager")
+    assert parse_method("tgate:I3B0G10", settings).label == "tgate I3B0G10"
+    assert parse_method("fastcache:i3b0", settings).label == "fastcache I3B0"
+    for text, message in (("deepcache:I3B0G10", "has no gate"), ("tgate:I3B0", "needs a gate"),
+                          ("fast:I3B0", "is not one of"), ("eager:I3B0", "is not one of")):
+        with pytest.raises(ValueError, match=message):
+            parse_method(text, settings)

@@ -129,6 +129,18 @@ def test_batches_and_negative_prompts_match_the_package(sd_pipe):
     assert max_diff(actual, expected) <= PACKAGE_TOLERANCE
 
 
+def test_sdxl_batches_with_their_own_negative_sizes_match_the_package(sdxl_pipe):
+    """SDXL, two images per prompt, negative size conditions unlike the positive ones. diffusers
+    lays the guided time ids out as [negative, positive] repeated per image (not the embeddings'
+    [negatives..., positives...]); after the gate the package runs the negative ids alone."""
+    call = dict(num_images_per_prompt=2, negative_original_size=(64, 64), negative_target_size=(96, 96))
+    expected = tgate_latents(sdxl_pipe, 3, 0, 4, **call)
+    actual, _ = fastcache_latents(sdxl_pipe, 3, 0, 4, compile=False, call=call)
+    assert max_diff(actual, expected) <= PACKAGE_TOLERANCE
+    plain_sizes, _ = fastcache_latents(sdxl_pipe, 3, 0, 4, compile=False, call=dict(num_images_per_prompt=2))
+    assert max_diff(actual, plain_sizes) > 100 * PACKAGE_TOLERANCE  # the negative sizes matter here
+
+
 def test_guidance_rescale_matches_the_package_to_rounding(sd_pipe):
     """Guidance rescale applies before the gate only, in the package. After it, diffusers' own
     loop rescales fastcache's two identical halves: ``g * n + (1 - g) * n``, n up to rounding (an
@@ -194,6 +206,30 @@ def test_compiled_matches_eager(sd_pipe):
     assert_close_relative(first, expected, COMPILED_RTOL)
     assert_close_relative(second, expected, COMPILED_RTOL)
     assert handle.runtime == "compiled" and handle.compilations == 5
+
+
+@pytest.mark.parametrize("emulate_graphs", [False, True])
+def test_graph_limit_counts_every_graph_of_a_function(sd_pipe, monkeypatch, caplog, emulate_graphs):
+    """RECOMPILE_LIMIT counts graphs per compiled function, as dynamo counts per code object: the
+    full TGATE function's second graph (the unguided batch's) is past a limit of 1, so that shape
+    runs on the eager split, which reads the cross-attention means the compiled (or captured)
+    guided step stored: the same result, call after call."""
+    from fastcache import runtime
+
+    expected, _ = fastcache_latents(sd_pipe, 2, 2, 3, steps=6, compile=False, **SA_OPTIONS)
+    monkeypatch.setattr(runtime, "RECOMPILE_LIMIT", 1)
+    with accelerated(sd_pipe, cache_interval=2, cache_branch_id=2, gate_step=3, compile_backend="eager",
+                     emulate_graphs=emulate_graphs, **SA_OPTIONS) as handle, \
+            caplog.at_level("WARNING", logger="fastcache"):
+        first = latents(sd_pipe, steps=6)
+        second = latents(sd_pipe, steps=6)
+        if emulate_graphs:  # every step on the TGATE functions; the guided key's third graph is past the limit
+            assert handle.compilations == 2 and len(handle.eager_shapes) == 2
+        else:  # plain full and shallow, and the full TGATE function storing the attention means
+            assert handle.compilations == 3 and len(handle.eager_shapes) == 1
+    assert "RECOMPILE_LIMIT" in caplog.text
+    assert_close_relative(first, expected, COMPILED_RTOL)
+    assert_close_relative(second, expected, COMPILED_RTOL)
 
 
 @pytest.mark.parametrize("pipe_name, tgate", [("sd_pipe", SA_OPTIONS), ("sdxl_pipe", {})])
