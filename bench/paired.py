@@ -152,6 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: eager, compile, deepcache:<config>, tgate:<config>G<gate>, "
                              "fastcache:<config>; the first is the baseline of the ratios")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); on a shared machine one thread is steadier")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=7.5)
@@ -176,6 +178,8 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
         raise SystemExit(str(error)) from None
     if len(methods) < 2 or args.rounds < 1:
         raise SystemExit("--methods needs at least two methods and --rounds at least 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch_dtype(args.dtype, device)
     size = args.res or preset.resolution
