@@ -21,8 +21,10 @@ Parts (names for ``--parts``):
    against the floor, peak reserved memory, images compared.
 3. ``profile``: fastcache's refresh and cached step under the torch profiler (bench.profile):
    kernel time by category, top kernels, launch gaps.
-4. ``batch4``, then ``sdxl`` (1024x1024, batch 1): if time is left.
-5. ``restart`` (only when named in ``--parts``): cold start against a restart with the compile
+4. ``tgate``: issue 16's GPU target, ``bench paired`` at the headline's setup: fastcache I3B0
+   alone, with TGATE from step 20, and the tgate package, called in turn (5 rounds).
+5. ``batch4``, then ``sdxl`` (1024x1024, batch 1): if time is left.
+6. ``restart`` (only when named in ``--parts``): cold start against a restart with the compile
    cache on disk (``bench warm-restart``).
 
 ``summary.md`` / ``summary.json`` put each part's status beside the issue's targets.
@@ -46,7 +48,7 @@ from typing import Any, Callable, TextIO
 from xml.etree import ElementTree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PARTS = ("cuda-tests", "headline", "profile", "batch4", "sdxl")
+DEFAULT_PARTS = ("cuda-tests", "headline", "profile", "tgate", "batch4", "sdxl")
 ALL_PARTS = DEFAULT_PARTS + ("restart",)
 # Seconds kept back at the end of the budget for the last packing and the summary.
 RESERVE_S = 10.0
@@ -107,6 +109,12 @@ def make_parts(dry_run: bool, python: str, workdir: str, cache_dir: str) -> dict
                "--configs", "I3B0", "--methods", "fastcache", "--runs", str(runs), *profile_flags, *out("profile")]
     if sd_res is not None:
         profile += ["--res", str(sd_res)]
+    gate = 1 if dry_run else 20  # 40% of the steps, as the package's default 10 of 25
+    tgate = [python, "-m", "bench", "paired", "--preset", sd, "--steps", str(steps), "--rounds", str(2 if dry_run else 5),
+             "--methods", f"fastcache:I3B0,fastcache:I3B0G{gate},tgate:I3B0G{gate}",
+             *(["--compile-backend", "eager"] if dry_run else []), *out("tgate")]
+    if sd_res is not None:
+        tgate += ["--res", str(sd_res)]
     restart = [python, "-m", "bench", "warm-restart", "--preset", sd, "--steps", str(steps), "--runs", "1",
                *out("restart")]
     if sd_res is not None:
@@ -116,6 +124,8 @@ def make_parts(dry_run: bool, python: str, workdir: str, cache_dir: str) -> dict
         Part("headline", f"{sd} {sd_res or 'default'} b1 {steps} steps: eager / compile / DeepCache / fastcache I3B0",
              (python, *bench_run_args(sd, sd_res, 1, steps, runs, compile_flags + cached + out("headline"))), 300, 120),
         Part("profile", "profile of one refresh and one cached step (fastcache I3B0)", tuple(profile), 120, 40),
+        Part("tgate", f"{sd} b1 {steps} steps, paired: fastcache I3B0 alone, with TGATE G{gate}, the tgate package",
+             tuple(tgate), 300, 150),
         Part("batch4", f"{sd} b4: the same four methods",
              (python, *bench_run_args(sd, sd_res, 4, steps, runs, compile_flags + cached + out("batch4"))), 300, 150),
         Part("sdxl", f"{sdxl} {sdxl_res or 'default'} b1: the same four methods",
@@ -265,6 +275,21 @@ def shape_targets(result: dict[str, Any]) -> dict[str, Any]:
             "device": result["meta"]["environment"].get("device_name")}
 
 
+def tgate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 16's GPU targets from the `tgate` part's paired result: fastcache+TGATE >= 1.5x
+    fastcache alone (median of per-round ratios), and faster than the tgate package."""
+    methods = {m["label"].split()[0] + (" G" if "G" in m["label"].split()[-1] else ""): m for m in result["methods"]}
+    gated, package = methods.get("fastcache G"), methods.get("tgate G")
+    over_alone = gated["speedup"]["median"] if gated else None
+    over_package = (package["seconds"]["median"] / gated["seconds"]["median"]) if gated and package else None
+    return [
+        {"target": "fastcache+TGATE over fastcache alone", "goal": ">= 1.5x", "measured": over_alone, "unit": "x",
+         "met": None if over_alone is None else over_alone >= 1.5},
+        {"target": "fastcache+TGATE over the tgate package (medians)", "goal": "> 1x", "measured": over_package,
+         "unit": "x", "met": None if over_package is None else over_package > 1.0},
+    ]
+
+
 def junit_counts(path: str) -> dict[str, int] | None:
     """tests, failures, errors, skipped from pytest's junit XML."""
     if not os.path.exists(path):
@@ -285,6 +310,8 @@ def summarise(workdir: str, results: list[PartResult], dry_run: bool, budget_s: 
         result = _latest_json(os.path.join(workdir, name))
         if result is not None:
             summary["shapes"][name] = shape_targets(result)
+    paired = _latest_json(os.path.join(workdir, "tgate"))
+    summary["tgate"] = tgate_targets(paired) if paired is not None else None
     return summary
 
 
@@ -324,6 +351,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         if shape["images"]:
             lines += ["", f"fastcache vs DeepCache images: PSNR {_fmt(shape['images']['fastcache_vs_deepcache_psnr_db'])}"
                           f" dB, latent rel. L2 {_fmt(shape['images']['latent_rel_l2'])}."]
+    if summary.get("tgate"):
+        lines += ["", "## tgate: paired, fastcache I3B0 alone / with TGATE / the tgate package", "",
+                  "| target | goal | measured | met |", "|---|---|---|---|"]
+        for t in summary["tgate"]:
+            met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+            lines.append(f"| {t['target']} | {t['goal']} | {_fmt(t['measured'], t['unit'])} | {met} |")
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,9 @@ def test_every_part_command_parses_with_the_real_parsers(dry_run, tmp_path):
         assert command[0] == sys.executable
         if command[1:3] == ["-m", "bench"]:
             args = bench_parser().parse_args(command[3:])
+            if args.command == "paired":  # issue 16's TGATE target, at the headline's setup
+                assert args.methods.split(",")[0] == "fastcache:I3B0" and "tgate:I3B0G" in args.methods
+                assert args.steps == (2 if dry_run else 50)
             if args.command == "run":
                 assert args.configs == "I3B0" and args.restart == "none"
                 assert args.steps == (2 if dry_run else 50) and args.runs == (1 if dry_run else 3)
@@ -154,3 +157,18 @@ def test_dry_run_of_the_script_runs_the_check_end_to_end(tmp_path):
     assert targets["end to end vs DeepCache"]["measured"] == pytest.approx(
         headline["shapes"][0]["agreements"][0]["speedup_end_to_end"])
     assert targets["cached step"]["measured"] == pytest.approx(fastcache["steps"]["cached"]["median"] * 1e3)
+
+
+def test_tgate_targets_are_read_from_a_paired_result():
+    """Issue 16's GPU targets, read from a committed CPU `bench paired` result (the GPU run writes
+    the same file): fastcache+TGATE's median per-round ratio over fastcache alone, and its median
+    seconds against the tgate package's."""
+    path = os.path.join(REPO, "bench", "results", "paired-cpu-small-20261205-183448.json")
+    with open(path) as handle:
+        result = json.load(handle)
+    alone, package = gpu_check.tgate_targets(result)
+    methods = {m["label"]: m for m in result["methods"]}
+    gated = methods["fastcache I3B0G10"]
+    assert alone["measured"] == gated["speedup"]["median"] and alone["met"] is False  # 1.20x < 1.5x
+    assert package["measured"] == pytest.approx(methods["tgate I3B0G10"]["seconds"]["median"] / gated["seconds"]["median"])
+    assert package["met"] is (package["measured"] > 1.0)
