@@ -37,7 +37,7 @@ from .runtime import MemoryReport, Runner, autograd_off, describe_key
 from .schedule import ExplicitSchedule, UniformSchedule
 from .shapes import RunnerFactory, ShapeRunner, make_runner, runtime_name
 from .side_models import CompileFailure, SideModels
-from .tgate import TgateCalls, check_pipeline, unconditional_half
+from .tgate import TgateCalls, check_pipeline
 from .unet_call import StepInputs, check_call, check_inputs, unet_output
 from .warmup import Shape, WarmupReport, warmup_call_kwargs, warmup_shapes
 
@@ -392,7 +392,7 @@ class FastCache:
             scheduler = pipe.scheduler
             tgate = self._tgate_step(pipe, scheduler, timestep, inputs)
             if tgate is not None and not tgate.guided:
-                inputs = unconditional_half(inputs)  # after the gate: the unconditional half only
+                inputs = inputs.unconditional_half()  # after the gate: the unconditional half only
             key = inputs.key()
             self._dispatcher.locate(scheduler, timestep)  # PNDM img2img: DeepCache's step numbers
             refresh = self._dispatcher.next_call(scheduler, key)

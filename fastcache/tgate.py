@@ -33,10 +33,7 @@ of computing). Stores that no later step reads are planned as ``compute``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
-
-if TYPE_CHECKING:
-    from .unet_call import StepInputs
+from typing import Sequence
 
 COMPUTE, STORE, STORE_MEAN, REUSE = "compute", "store", "store_mean", "reuse"
 SHALLOW, DEEP = "shallow", "deep"
@@ -142,22 +139,6 @@ def plan_call(
         assert len(ca) == 1, "TGATE plan: cross-attention differs between branches"
         plan.append(TgateStep(refresh, guided, ca.pop(), live[("sa", SHALLOW)], live.get(("sa", DEEP), COMPUTE)))
     return plan
-
-
-def unconditional_half(inputs: "StepInputs") -> "StepInputs":
-    """What the package's U-Net gets after the gate: the unconditional half of the guided batch.
-
-    diffusers puts the negative half first (latents, embeddings, SDXL's pooled embeddings), except
-    SDXL's time ids, which its pipeline lays out as ``[negative, positive]`` repeated per image: the
-    negative rows are the even ones. The package passes its negative time ids repeated per image
-    then, so those rows, not the first half (which differ once ``negative_original_size`` and the
-    like differ from the positive sizes and a prompt has more than one image).
-    """
-    half = inputs.first_half()
-    time_ids = inputs.added.get("time_ids")
-    if time_ids is not None and time_ids.dim() > 0 and time_ids.shape[0] == inputs.sample.shape[0]:
-        half.added["time_ids"] = time_ids[0::2].contiguous()
-    return half
 
 
 def supported_pipeline(pipe: object) -> bool:

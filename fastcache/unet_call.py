@@ -141,22 +141,26 @@ class StepInputs:
             {name: copy(value) for name, value in self.added.items()},
         )
 
-    def first_half(self) -> "StepInputs":
-        """The first half of the batch: the unconditional half of a classifier-free-guidance batch
-        (diffusers' pipelines put it first), which TGATE runs alone after its gate."""
+    def unconditional_half(self) -> "StepInputs":
+        """The unconditional half of a classifier-free-guidance batch, which TGATE runs alone after
+        its gate. diffusers puts it first (latents, embeddings, SDXL's pooled embeddings), except
+        SDXL's time ids, which its pipeline lays out as ``[negative, positive]`` repeated per image:
+        there the negative rows are the even ones (the first half mixes both once a prompt has more
+        than one image and ``negative_original_size`` and the like differ from the positive sizes;
+        the tgate package passes its negative ids alone)."""
         batch = self.sample.shape[0]
         if batch % 2:
             raise InvalidInputError(f"a classifier-free-guidance batch has an even size; this one has {batch}")
 
-        def cut(value: Any) -> Any:
+        def cut(value: Any, every_other: bool = False) -> Any:
             if isinstance(value, tuple):
                 return tuple(cut(item) for item in value)
             if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
-                return value[: batch // 2]
+                return value[0::2].contiguous() if every_other else value[: batch // 2]
             return value
 
-        return StepInputs(cut(self.sample), cut(self.timestep), cut(self.encoder_hidden_states),
-                          {name: cut(value) for name, value in self.added.items()})
+        added = {name: cut(value, every_other=name == "time_ids") for name, value in self.added.items()}
+        return StepInputs(cut(self.sample), cut(self.timestep), cut(self.encoder_hidden_states), added)
 
     def tensors(self) -> dict[str, Tensor]:
         """Every tensor by a flat name, in a fixed order (a None entry of a tuple, an unmasked
