@@ -278,8 +278,10 @@ def shape_targets(result: dict[str, Any]) -> dict[str, Any]:
 def tgate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 16's GPU targets from the `tgate` part's paired result: fastcache+TGATE >= 1.5x
     fastcache alone (median of per-round ratios), and faster than the tgate package."""
-    methods = {m["label"].split()[0] + (" G" if "G" in m["label"].split()[-1] else ""): m for m in result["methods"]}
-    gated, package = methods.get("fastcache G"), methods.get("tgate G")
+    def with_gate(kind: str) -> dict[str, Any] | None:  # labels are "<kind> I<i>B<b>[G<gate>]"
+        return next((m for m in result["methods"] if m["label"].startswith(f"{kind} I") and "G" in m["label"]), None)
+
+    gated, package = with_gate("fastcache"), with_gate("tgate")
     over_alone = gated["speedup"]["median"] if gated else None
     over_package = (package["seconds"]["median"] / gated["seconds"]["median"]) if gated and package else None
     return [

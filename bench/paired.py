@@ -30,9 +30,6 @@ from .args import DEFAULT_PROMPT, RESULTS, cuda_graphs, torch_dtype
 from .methods import CacheConfig, CompileSettings, Compile, DeepCache, Eager, FastCache, Method, Shape, Tgate
 from .timing import TimingStats, synchronize, timed
 
-KINDS = ("eager", "compile", "deepcache", "tgate", "fastcache")
-
-
 def parse_method(text: str, settings: CompileSettings) -> Method:
     """``eager``, ``compile``, or ``<deepcache|tgate|fastcache>:<config>`` (e.g. fastcache:I3B0G10)."""
     kind, _, config = text.strip().partition(":")
