@@ -89,6 +89,18 @@ def test_cancel_drops_a_queued_job_and_only_marks_a_running_one():
     assert drops == ["disconnected"] and batcher.depth == 0
 
 
+def test_cancel_of_a_job_dropped_at_its_deadline_says_it_never_ran():
+    """The worker drops a job at its deadline; the HTTP side's own timeout may fire before the
+    dropped future's callback reaches it, and then cancels a job that is dropped already."""
+    drops = []
+    batcher = Batcher(max_queue=10, max_images=4, max_delay_s=60.0, on_drop=lambda j, r: drops.append(r))
+    late = job("a", waited=0, deadline_in=0.05)
+    batcher.submit(late)
+    assert batcher.next_batch(timeout=0.5) is None
+    assert batcher.cancel(late, "timeout") is True and late.state == "dropped"
+    assert drops == ["timeout"]  # counted once, by the worker
+
+
 def test_a_full_queue_refuses_and_close_drops_what_waits():
     batcher = Batcher(max_queue=2, max_images=4, max_delay_s=0.0)
     waiting = [job("a"), job("b")]

@@ -109,15 +109,16 @@ class Batcher:
             self._cond.notify_all()
 
     def cancel(self, job: Job, reason: str) -> bool:
-        """Nobody wants `job`'s result any more. True when it was still queued and is now dropped;
-        False when its call had started (the worker discards the result)."""
+        """Nobody wants `job`'s result any more. True when it never ran: it was still queued and is
+        dropped now, or was dropped already (the worker drops a job at its deadline, which can come
+        just before its waiter's own timeout); False when its call had started (the worker discards
+        the result)."""
         with self._cond:
             job.cancelled = True
-            if job.state != "queued":
-                return False
-            self._drop(job, reason)
-            self._cond.notify_all()
-            return True
+            if job.state == "queued":
+                self._drop(job, reason)
+                self._cond.notify_all()
+            return job.state == "dropped"
 
     def next_batch(self, timeout: float | None = None) -> list[Job] | None:
         """Block until a batch is due and return its jobs, marked running (leader first).

@@ -229,9 +229,10 @@ class Engine:
         return job
 
     def cancel(self, job: Job, reason: str) -> bool:
-        """The request's client gave up (`reason`: timeout, disconnected). True when the job was
-        dropped before its call; else its call runs on and the result is discarded (and the call
-        is interrupted at its next step if no request of it is still wanted)."""
+        """The request's client gave up (`reason`: timeout, disconnected). True when the job never
+        ran (dropped now, or by the worker at its deadline); else its call runs on and the result
+        is discarded (and the call is interrupted at its next step if no request of it is still
+        wanted)."""
         dropped = self.batcher.cancel(job, reason)
         if not dropped:
             self.metrics.discarded.inc()
