@@ -84,7 +84,9 @@ def test_a_request_past_its_timeout_gets_504_and_never_runs(server):
 
 def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(server):
     process, _ = server
-    running = OpenRequest(process, {"prompt": "in flight", "n": 2, "num_inference_steps": 40, "seed": 3})
+    # 100 steps (--max-steps) at batch 2 is about 4 s on one idle core: the checks below, a dozen
+    # HTTP round trips, must all land while that call runs, on a machine shared with another worker.
+    running = OpenRequest(process, {"prompt": "in flight", "n": 2, "num_inference_steps": 100, "seed": 3})
     wait_for(lambda: gauge(process, "fastcache_serve_running_requests") == 1, what="the call to start")
     queued = OpenRequest(process, {"prompt": "queued", "seed": 4})  # alone: waits behind the running call
     wait_for(lambda: gauge(process, "fastcache_serve_queue_depth") == 1, what="the second request to queue")
