@@ -246,9 +246,15 @@ class Compile(Method):
 class FastCache(Method):
     kind = "fastcache"
 
-    def __init__(self, config: CacheConfig, settings: CompileSettings) -> None:
+    def __init__(self, config: CacheConfig, settings: CompileSettings, variant: str = "") -> None:
+        """`variant`: what sets this one apart from other fastcache methods of a run (its label's end)."""
         super().__init__(config)
         self.settings = settings
+        self.variant = variant
+
+    @property
+    def label(self) -> str:
+        return super().label + (f" [{self.variant}]" if self.variant else "")
 
     def enable(self, pipe: Any, shape: Shape, call_kwargs: dict[str, Any]) -> dict[str, Any]:
         """accelerate + warmup for this shape, with the same call arguments as the timed calls."""

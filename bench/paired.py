@@ -21,18 +21,42 @@ from __future__ import annotations
 import argparse
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .args import DEFAULT_PROMPT, RESULTS, cuda_graphs, torch_dtype
+from .args import DEFAULT_PROMPT, RESULTS, cuda_graphs, option, torch_dtype
 from .methods import CacheConfig, CompileSettings, Compile, DeepCache, Eager, FastCache, Method, Shape, Tgate
 from .timing import TimingStats, synchronize, timed
 
+def parse_inductor_options(text: str) -> dict[str, Any]:
+    """``layout_optimization=false;freezing=true`` -> {"layout_optimization": False, "freezing": True}."""
+    options = {}
+    for part in text.split(";"):
+        try:
+            name, value = option(part)
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(f"inductor option {error}") from None
+        options[name] = value
+    return options
+
+
 def parse_method(text: str, settings: CompileSettings) -> Method:
-    """``eager``, ``compile``, or ``<deepcache|tgate|fastcache>:<config>`` (e.g. fastcache:I3B0G10)."""
-    kind, _, config = text.strip().partition(":")
+    """``eager``, ``compile``, or ``<deepcache|tgate|fastcache>:<config>`` (e.g. fastcache:I3B0G10).
+
+    A fastcache method may end in inductor options for it alone, ``fastcache:I3B0[layout_optimization=true]``
+    (``;`` between several), to time fastcache's compile settings against each other in one run.
+    """
+    text = text.strip()
+    if text.startswith("fastcache:") and text.endswith("]") and "[" in text:
+        head, _, options = text[:-1].partition("[")
+        method = parse_method(head, settings)
+        assert isinstance(method, FastCache)
+        compile_options = parse_inductor_options(options)
+        own = replace(settings, fastcache_options=settings.fastcache_options + (("compile_options", compile_options),))
+        return FastCache(method.config, own, variant=options)
+    kind, _, config = text.partition(":")
     if kind in ("eager", "compile") and not config:
         return Eager() if kind == "eager" else Compile(settings)
     if kind in ("deepcache", "tgate", "fastcache") and config:
@@ -45,7 +69,7 @@ def parse_method(text: str, settings: CompileSettings) -> Method:
             return DeepCache(parsed)
         return Tgate(parsed) if kind == "tgate" else FastCache(parsed, settings)
     raise ValueError(f"{text!r} is not one of eager, compile, deepcache:<config>, tgate:<config>G<gate>, "
-                     "fastcache:<config>")
+                     "fastcache:<config>, fastcache:<config>[NAME=VALUE;...]")
 
 
 @dataclass
@@ -147,7 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     parser.add_argument("--methods", required=True,
                         help="comma-separated: eager, compile, deepcache:<config>, tgate:<config>G<gate>, "
-                             "fastcache:<config>; the first is the baseline of the ratios")
+                             "fastcache:<config>, fastcache:<config>[NAME=VALUE;...] (inductor options for that "
+                             "one); the first is the baseline of the ratios")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); on a shared machine one thread is steadier")

@@ -113,7 +113,7 @@ class FastCache:
         # Options validate (InvalidConfigError) here, before anything is changed.
         self._controlnet_reuse = ControlNetReuse(pipe, self._dispatcher) if config.controlnet_reuse else None
         self._side_models = (
-            SideModels(pipe, config.compile_vae, config.compile_text_encoders, config.compile_kwargs())
+            SideModels(pipe, config.compile_vae, config.compile_text_encoders, config.compile_kwargs(unet.device.type))
             if config.compile_vae or config.compile_text_encoders else None
         )
         parts = [part for part in (self._controlnet_reuse, self._side_models) if part is not None]

@@ -97,11 +97,11 @@ class FastCacheConfig:
                 )
         return cls(**options)
 
-    def compile_kwargs(self) -> dict[str, Any]:
-        """torch.compile's keyword arguments for every graph fastcache compiles."""
+    def compile_kwargs(self, device_type: str | None = None) -> dict[str, Any]:
+        """torch.compile's keyword arguments for every graph fastcache compiles on `device_type`."""
         from .runtime import compile_kwargs
 
-        return compile_kwargs(self.compile_backend, self.compile_mode, dict(self.compile_options))
+        return compile_kwargs(self.compile_backend, self.compile_mode, dict(self.compile_options), device_type)
 
     def refresh_schedule(self) -> RefreshSchedule:
         """The validated schedule (raises InvalidConfigError on bad values)."""

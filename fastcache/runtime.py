@@ -251,19 +251,31 @@ class EagerRunner(Runner):
         self._ran.clear()
 
 
-def compile_kwargs(backend: str, mode: str | None = None, inductor_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+# Inductor options fastcache sets for graphs on a CPU unless the user's `compile_options` name them.
+# layout_optimization (on by default) makes a convolution-heavy graph channels-last; on a CPU the
+# fused group-norm kernels over that layout are far slower than eager's (32 ms against 0.1 ms for
+# one of them), and turning it off made fastcache 1.10x (cpu-small) and 1.22x (SD 1.5 at 256 px)
+# faster end to end (bench/NOTES.md, "Inductor on a CPU"). On CUDA inductor's default stays.
+CPU_INDUCTOR_DEFAULTS: dict[str, Any] = {"layout_optimization": False}
+
+
+def compile_kwargs(backend: str, mode: str | None = None, inductor_options: Mapping[str, Any] | None = None,
+                   device_type: str | None = None) -> dict[str, Any]:
     """torch.compile's arguments for every fastcache graph: whole graphs, static shapes (one graph
     per input shape), the configured backend and its mode or inductor options.
 
     Inductor always gets ``triton.cudagraphs=False``: its own CUDA Graphs (which
     ``TORCHINDUCTOR_CUDAGRAPHS=1`` turns on for every compile) would capture inside fastcache's.
-    torch.compile takes a mode or options, not both, so a mode is passed as its options.
+    torch.compile takes a mode or options, not both, so a mode is passed as its options. For graphs
+    on a CPU (`device_type` "cpu") `CPU_INDUCTOR_DEFAULTS` come first; the user's options win.
     """
     kwargs: dict[str, Any] = dict(fullgraph=True, dynamic=False, backend=backend)
     if backend == "inductor":
         from torch._inductor import list_mode_options
 
         options = dict(list_mode_options(mode, False)) if mode not in (None, "default") else {}
+        if device_type == "cpu":
+            options.update(CPU_INDUCTOR_DEFAULTS)
         options.update(inductor_options or {})
         options["triton.cudagraphs"] = False
         kwargs["options"] = options
@@ -293,6 +305,7 @@ class CompiledFunctions:
     def __init__(self, split: Split, options: Mapping[str, Any]) -> None:
         """`options`: torch.compile's keyword arguments (`compile_kwargs`)."""
         self.split = split
+        self.options = dict(options)  # what every graph here was compiled with
         self.functions: dict[str, Callable[..., Any]] = {
             "full": torch.compile(split.full, **options),
             "shallow": torch.compile(split.shallow, **options),

@@ -41,7 +41,7 @@ def make_runner(split: Split, config: FastCacheConfig, device: torch.device) -> 
     use_graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
     if use_graphs and device.type != "cuda":
         raise InvalidConfigError(f"cuda_graphs=True needs the U-Net on a CUDA device; it is on {device}")
-    compiled = CompiledFunctions(split, config.compile_kwargs()) if config.compile else None
+    compiled = CompiledFunctions(split, config.compile_kwargs(device.type)) if config.compile else None
     runner: Runner
     if use_graphs or config.emulate_graphs:
         runner = GraphRunner(split, compiled, emulate=not use_graphs)

@@ -399,7 +399,13 @@ def test_paired_methods_are_parsed_with_clear_errors():
     settings = CompileSettings("eager")
     assert parse_method("tgate:I3B0G10", settings).label == "tgate I3B0G10"
     assert parse_method("fastcache:i3b0", settings).label == "fastcache I3B0"
+    variant = parse_method("fastcache:I3B0[layout_optimization=true;conv_1x1_as_mm=false]", settings)
+    assert variant.label == "fastcache I3B0 [layout_optimization=true;conv_1x1_as_mm=false]"
+    assert dict(variant.settings.fastcache_options)["compile_options"] == {"layout_optimization": True,
+                                                                          "conv_1x1_as_mm": False}
+    assert settings.fastcache_options == ()  # the other methods' settings are untouched
     for text, message in (("deepcache:I3B0G10", "has no gate"), ("tgate:I3B0", "needs a gate"),
-                          ("fast:I3B0", "is not one of"), ("eager:I3B0", "is not one of")):
+                          ("fast:I3B0", "is not one of"), ("eager:I3B0", "is not one of"),
+                          ("fastcache:I3B0[layout_optimization]", "is not NAME=VALUE")):
         with pytest.raises(ValueError, match=message):
             parse_method(text, settings)

@@ -241,6 +241,30 @@ def test_inductor_compiles_without_its_cuda_graphs_whatever_the_environment():
     assert compile_kwargs("aot_eager") == dict(fullgraph=True, dynamic=False, backend="aot_eager")
 
 
+def test_graphs_on_a_cpu_get_the_cpu_inductor_defaults_unless_the_user_names_them():
+    """layout_optimization off on a CPU (CPU_INDUCTOR_DEFAULTS; measured in bench/NOTES.md), inductor's
+    own default on CUDA, and the user's compile_options over both."""
+    from fastcache.runtime import CPU_INDUCTOR_DEFAULTS
+
+    assert CPU_INDUCTOR_DEFAULTS == {"layout_optimization": False}
+    assert compile_kwargs("inductor", None, {}, "cpu")["options"] == {"layout_optimization": False,
+                                                                      "triton.cudagraphs": False}
+    assert compile_kwargs("inductor", None, {}, "cuda")["options"] == {"triton.cudagraphs": False}
+    chosen = compile_kwargs("inductor", None, {"layout_optimization": True}, "cpu")["options"]
+    assert chosen["layout_optimization"] is True
+    assert compile_kwargs("aot_eager", None, {}, "cpu") == dict(fullgraph=True, dynamic=False, backend="aot_eager")
+    pipe_config = fastcache.FastCacheConfig.from_options(compile_options={"freezing": False})
+    assert pipe_config.compile_kwargs("cpu")["options"] == {"layout_optimization": False, "freezing": False,
+                                                            "triton.cudagraphs": False}
+    pipe = tiny_sd_pipeline()
+    for given, expected in (({}, False), ({"layout_optimization": True}, True)):
+        handle = fastcache.accelerate(pipe, compile=True, compile_options=given)  # compiles on first call only
+        try:
+            assert handle._runner.compiled.options["options"]["layout_optimization"] is expected
+        finally:
+            handle.disable()
+
+
 # -- CUDA --------------------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA Graph capture and replay)")
 
