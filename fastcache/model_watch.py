@@ -9,7 +9,11 @@ change is made, and a call only pays for the full fingerprint after one of them 
 
 * sub-modules, parameters and buffers assigned on any of the U-Net's modules (LoRA layers loaded,
   unloaded or deleted, IP-Adapter projections, a weight given new storage by assignment): torch's
-  global registration hooks, filtered to this U-Net's modules;
+  global registration hooks, filtered to this U-Net's modules. One set of them serves every watch
+  of the process (`_RegistrationHooks`) and does nothing while dynamo traces: diffusers slices
+  ModuleLists inside forward (``self.resnets[1:]`` registers modules on a new list), so dynamo
+  guards on these hooks. A hook per watch would make each accelerate or disable of another
+  pipeline invalidate every compiled graph of the process (and strict serving raise).
 * diffusers' U-Net entry points that change state in place (`WATCHED_METHODS`: PEFT's adapter
   switches, fuse/unfuse, processor and backend setters, FreeU, QKV fusion, and ``_apply``, through
   which ``.to()``, ``.half()`` and ``.cuda()`` move weights to new storage): wrapped as instance
@@ -30,6 +34,8 @@ does not use it, take the full fingerprint, which sees those too.
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -52,6 +58,51 @@ def _scale(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+class _RegistrationHooks:
+    """torch's three global registration hooks, registered while any ModelWatch is open and shared
+    by all of them: the hooks dict that compiled graphs guard on stays as it is while watches come
+    and go, and graphs guard on nothing of a watch (the hook returns at once under dynamo)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watches: "weakref.WeakSet[ModelWatch]" = weakref.WeakSet()
+        self._handles: list[Any] = []
+
+    def add(self, watch: "ModelWatch") -> None:
+        with self._lock:
+            self._watches.add(watch)
+            if not self._handles:
+                hooks = torch.nn.modules.module
+                self._handles = [
+                    hooks.register_module_module_registration_hook(_on_registration),
+                    hooks.register_module_parameter_registration_hook(_on_registration),
+                    hooks.register_module_buffer_registration_hook(_on_registration),
+                ]
+
+    def discard(self, watch: "ModelWatch") -> None:
+        """Forget `watch`; the last one out removes the hooks (torch's global state as it was)."""
+        with self._lock:
+            self._watches.discard(watch)
+            if not self._watches:
+                for handle in self._handles:
+                    handle.remove()
+                self._handles = []
+
+    def watches(self) -> list["ModelWatch"]:
+        with self._lock:
+            return list(self._watches)
+
+
+_HOOKS = _RegistrationHooks()
+
+
+def _on_registration(module: torch.nn.Module, name: str, value: Any) -> None:
+    if torch.compiler.is_compiling():  # a module registered inside a traced forward: no guards on watches
+        return
+    for watch in _HOOKS.watches():
+        watch._registered(module, name, value)
+
+
 class ModelWatch:
     """Counts the changes made to `unet` through the points above; `changed()` says whether the
     full fingerprint must be taken again. Call `accept()` once the handle has acted on a change."""
@@ -67,13 +118,9 @@ class ModelWatch:
         ]
         for patch in self._patches:
             patch.apply()
-        hooks = torch.nn.modules.module
-        self._hooks = [
-            hooks.register_module_module_registration_hook(self._registered),
-            hooks.register_module_parameter_registration_hook(self._registered),
-            hooks.register_module_buffer_registration_hook(self._registered),
-        ]
         self._index()
+        _HOOKS.add(self)
+        self._open = True
         self._last_probe = self.probe()
 
     # -- the tracked points --------------------------------------------------------------------
@@ -131,9 +178,9 @@ class ModelWatch:
 
     def close(self) -> None:
         """Remove the hooks and restore the wrapped methods exactly."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        if self._open:
+            _HOOKS.discard(self)
+            self._open = False
         for patch in reversed(self._patches):
             patch.undo()
         self._patches = []

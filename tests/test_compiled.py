@@ -19,6 +19,7 @@ import torch._dynamo
 import fastcache
 from fastcache.errors import ShapeNotWarmedError
 from fastcache.runtime import RECOMPILE_LIMIT
+from fastcache.tiny import tiny_sd_pipeline
 from fastcache.unet_split import UNetSplit, unet_layout
 
 from .helpers import accelerated, assert_close_relative, deepcache_latents, latents, max_diff
@@ -77,6 +78,26 @@ def test_a_new_shape_compiles_once_and_is_counted(sd_pipe):
         assert (_dynamo_graph_count(), handle.compilations) == (graphs + 2, compilations + 2)
         latents(sd_pipe, height=48, width=112, seed=1)
         assert (_dynamo_graph_count(), handle.compilations) == (graphs + 2, compilations + 2)
+
+
+def test_another_handle_in_the_process_leaves_a_handles_graphs_valid(sd_pipe):
+    """Diffusers slices ModuleLists inside forward (``self.resnets[1:]``), which runs torch's global
+    module registration hooks, so dynamo guards on those hooks and on what they read. Another
+    handle's ModelWatch being added or closed must not touch either: else accelerating a second
+    pipeline (a refiner, a second model) or disabling it makes every graph of the first stale,
+    a recompile on the hot path, and ShapeNotWarmedError in strict serving (as here)."""
+    other = tiny_sd_pipeline()
+    with accelerated(sd_pipe, cache_interval=3, compile_backend="eager", strict=True) as first:
+        first.warmup(height=96, width=96)
+        before = latents(sd_pipe, seed=5, height=96, width=96)
+        graphs = _dynamo_graph_count()
+        with accelerated(other, cache_interval=3, compile_backend="eager", strict=True) as second:
+            second.warmup(height=80, width=80)  # a shape of its own: 2 new graphs
+            assert _dynamo_graph_count() == graphs + 2
+            assert torch.equal(latents(sd_pipe, seed=5, height=96, width=96), before)
+            latents(other, seed=5, height=80, width=80)
+        assert torch.equal(latents(sd_pipe, seed=5, height=96, width=96), before)
+        assert _dynamo_graph_count() == graphs + 2 and first.compilations == 2
 
 
 def test_strict_serving_refuses_unwarmed_shapes(sd_pipe):
