@@ -120,7 +120,6 @@ class ModelWatch:
             patch.apply()
         self._index()
         _HOOKS.add(self)
-        self._open = True
         self._last_probe = self.probe()
 
     # -- the tracked points --------------------------------------------------------------------
@@ -178,9 +177,7 @@ class ModelWatch:
 
     def close(self) -> None:
         """Remove the hooks and restore the wrapped methods exactly."""
-        if self._open:
-            _HOOKS.discard(self)
-            self._open = False
+        _HOOKS.discard(self)  # idempotent: a second close changes nothing
         for patch in reversed(self._patches):
             patch.undo()
         self._patches = []

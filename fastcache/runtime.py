@@ -254,8 +254,8 @@ class EagerRunner(Runner):
 # Inductor options fastcache sets for graphs on a CPU unless the user's `compile_options` name them.
 # layout_optimization (on by default) makes a convolution-heavy graph channels-last; on a CPU the
 # fused group-norm kernels over that layout are far slower than eager's (32 ms against 0.1 ms for
-# one of them), and turning it off made fastcache 1.10x (cpu-small) and 1.22x (SD 1.5 at 256 px)
-# faster end to end (bench/NOTES.md, "Inductor on a CPU"). On CUDA inductor's default stays.
+# one of them), and turning it off made fastcache's denoising loop 1.14x (cpu-small) and 1.22x
+# (SD 1.5 at 256 px) faster (bench/NOTES.md, "Inductor on a CPU"). On CUDA inductor's default stays.
 CPU_INDUCTOR_DEFAULTS: dict[str, Any] = {"layout_optimization": False}
 
 
