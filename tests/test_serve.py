@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import openai
@@ -41,7 +42,7 @@ STEPS = 4  # DDIM, interval 3: steps 0 and 3 refresh, 1 and 2 are cached
 FLAGS = [
     "--compile-backend", "eager", "--threads", "1", "--batch-sizes", "1,4", "--default-steps", str(STEPS),
     "--max-steps", "400", "--max-batch-delay-ms", "300", "--max-queue", "4", "--request-timeout", "300",
-    "--max-body-bytes", "16384", "--fault-prompt", FAULT,
+    "--max-body-bytes", "16384", "--body-timeout", "2", "--fault-prompt", FAULT,
 ]
 
 
@@ -176,6 +177,7 @@ def test_a_failing_call_fails_only_its_requests_and_the_next_one_is_a_fresh_runs
         error = response.json()["error"]
         assert error["type"] == "server_error" and error["code"] == "pipeline_failed"
         assert "injected fault" in error["message"]
+        assert response.headers["x-should-retry"] == "false"  # the openai client does not run it again
     assert other.status_code == 200
     assert np.array_equal(decode_png(other.json()["data"][0]["b64_json"]),
                           reference_image(reference_pipe, "another call", 7, STEPS + 1))
@@ -217,6 +219,10 @@ def test_metrics_count_requests_steps_and_batches(server):
     assert post(server, {"prompt": "no key"}, key=None).status_code == 401
     response = requests.get(server.url + "/metrics", timeout=30)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert "_created" not in response.text  # no creation-time series beside every counter
+    for status in ("429", "500", "503", "504"):  # each series exists before its first event (rate() works)
+        assert f'fastcache_serve_requests_total{{status="{status}"}}' in response.text
+    assert 'batching="true"' in response.text
     after = server.metrics()
 
     def delta(name: str, **labels: str) -> float:
@@ -237,16 +243,19 @@ def test_metrics_count_requests_steps_and_batches(server):
 BAD = [  # id, body (dict) or raw bytes, status, error type, param, a piece of the message
     ("missing prompt", {"n": 1}, 400, "invalid_request_error", "prompt", "required"),
     ("empty prompt", {"prompt": ""}, 400, "invalid_request_error", "prompt", "at least 1 character"),
-    ("blank prompt", {"prompt": "   "}, 400, "invalid_request_error", "prompt", "blank"),
+    ("blank prompt", {"prompt": "   "}, 400, "invalid_request_error", "prompt", "prompt: prompt must not be blank"),
     ("prompt not a string", {"prompt": 5}, 400, "invalid_request_error", "prompt", "valid string"),
-    ("n zero", {"prompt": "a", "n": 0}, 400, "invalid_request_error", "n", "greater than or equal to 1"),
+    ("n zero", {"prompt": "a", "n": 0}, 400, "invalid_request_error", "n", "between 1 and 4"),
     ("n above the largest batch", {"prompt": "a", "n": 5}, 400, "invalid_request_error", "n", "between 1 and 4"),
     ("n as a string", {"prompt": "a", "n": "2"}, 400, "invalid_request_error", "n", "valid integer"),
     ("size not served", {"prompt": "a", "size": "256x256"}, 400, "invalid_request_error", "size",
      "not served; this server warmed: 128x128"),
-    ("size malformed", {"prompt": "a", "size": "large"}, 400, "invalid_request_error", "size", "pattern"),
+    ("size malformed", {"prompt": "a", "size": "large"}, 400, "invalid_request_error", "size",
+     "'large' is not WIDTHxHEIGHT; this server warmed: 128x128 ('auto': 128x128)"),
+    ("size in capitals", {"prompt": "a", "size": "128X128"}, 400, "invalid_request_error", "size",
+     "is not WIDTHxHEIGHT"),
     ("steps zero", {"prompt": "a", "num_inference_steps": 0}, 400, "invalid_request_error", "num_inference_steps",
-     "greater than or equal to 1"),
+     "between 1 and 400, got 0"),
     ("steps above the maximum", {"prompt": "a", "num_inference_steps": 401}, 400, "invalid_request_error",
      "num_inference_steps", "between 1 and 400"),
     ("steps not an integer", {"prompt": "a", "num_inference_steps": 2.5}, 400, "invalid_request_error",
@@ -259,7 +268,23 @@ BAD = [  # id, body (dict) or raw bytes, status, error type, param, a piece of t
      "valid number"),
     ("guidance without CFG", {"prompt": "a", "guidance_scale": 1.0}, 400, "invalid_request_error", "guidance_scale",
      "unwarmed shape"),
-    ("seed negative", {"prompt": "a", "seed": -1}, 400, "invalid_request_error", "seed", "greater than or equal to 0"),
+    ("guidance above 100", {"prompt": "a", "guidance_scale": 101.0}, 400, "invalid_request_error", "guidance_scale",
+     "in (1, 100], got 101.0"),
+    ("seed negative", {"prompt": "a", "seed": -1}, 400, "invalid_request_error", "seed",
+     f"between 0 and {2**53 - 1} (2**53 - n"),
+    ("seed + n - 1 past 2**53 - 1", {"prompt": "a", "seed": 2**53 - 2, "n": 3}, 400, "invalid_request_error", "seed",
+     f"between 0 and {2**53 - 3} (2**53 - n"),
+    ("stream", {"prompt": "a", "stream": True}, 400, "invalid_request_error", "stream", "streaming is not supported"),
+    ("partial images", {"prompt": "a", "partial_images": 2}, 400, "invalid_request_error", "partial_images",
+     "needs streaming"),
+    ("transparent background", {"prompt": "a", "background": "transparent"}, 400, "invalid_request_error",
+     "background", "use 'auto' or 'opaque'"),
+    ("output_format jpeg", {"prompt": "a", "output_format": "jpeg"}, 400, "invalid_request_error", "output_format",
+     "only 'png' is produced"),
+    ("output_compression", {"prompt": "a", "output_compression": 80}, 400, "invalid_request_error",
+     "output_compression", "lossless PNG only"),
+    ("an animation", {"prompt": "a", "frame_count": 8}, 400, "invalid_request_error", "frame_count",
+     "still PNG images only"),
     ("response_format url", {"prompt": "a", "response_format": "url"}, 400, "invalid_request_error",
      "response_format", "'url' is not supported"),
     ("response_format unknown", {"prompt": "a", "response_format": "jpeg"}, 400, "invalid_request_error",
@@ -267,6 +292,7 @@ BAD = [  # id, body (dict) or raw bytes, status, error type, param, a piece of t
     ("unknown parameter", {"prompt": "a", "num_inference_step": 3}, 400, "invalid_request_error",
      "num_inference_step", "unknown parameter"),
     ("malformed JSON", b'{"prompt": ', 400, "invalid_request_error", None, "not valid JSON"),
+    ("not UTF-8", b'{"prompt": "\xff"}', 400, "invalid_request_error", None, "must be UTF-8"),
     ("not a JSON object", b'["a", "b"]', 400, "invalid_request_error", None, "must be a JSON object"),
     ("unknown model", {"prompt": "a", "model": "dall-e-3"}, 404, "invalid_request_error", "model",
      "serves 'fastcache-tiny-sd'"),
@@ -281,6 +307,47 @@ def test_bad_input_gets_an_openai_error(server, body, status, kind, param, fragm
     error = response.json()["error"]
     assert error["type"] == kind and error["param"] == param
     assert fragment in error["message"], error["message"]
+    assert "Value error" not in error["message"]  # pydantic's prefix, not words for a user
+
+
+def test_the_openai_fields_that_change_nothing_give_the_same_image(server, client):
+    """What the openai client may send besides our fields (its Optional n, size 'auto', the
+    moderation and safety fields, the values asking for what this server does anyway) is accepted,
+    and the image is the one of the request without them."""
+    extra = {"seed": 21, "num_inference_steps": STEPS}
+    plain = client.images.generate(prompt="a kite", response_format="b64_json", extra_body=extra)
+    dressed = client.images.generate(
+        prompt="a kite", n=None, size="auto", response_format="b64_json", quality="high", style="vivid",
+        moderation="auto", background="opaque", output_format="png", output_compression=100, stream=False,
+        safety_identifier="user-1", user="user-1", extra_body={**extra, "partial_images": 0, "complexity": "low"})
+    assert [item.model_extra["seed"] for item in dressed.data] == [21]
+    assert dressed.data[0].b64_json == plain.data[0].b64_json
+
+
+def test_a_model_is_retrieved_by_its_id(server, client):
+    card = client.models.retrieve("fastcache-tiny-sd")
+    assert card.id == "fastcache-tiny-sd" and card.owned_by == "fastcache" and card.created > 0
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("dall-e-3")
+    assert missing.value.body["code"] == "model_not_found" and "fastcache-tiny-sd" in missing.value.body["message"]
+
+
+def test_a_stalled_body_gets_408_and_frees_its_connection(server):
+    """A client that declares a body and stops sending gets 408 after --body-timeout (2 s here)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as connection:
+        connection.sendall(f"POST {GENERATIONS} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                           "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\"".encode())
+        started = time.monotonic()
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert 1.5 <= time.monotonic() - started < 30
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert "--body-timeout" in json.loads(body)["error"]["message"]
 
 
 def test_a_streamed_oversized_body_gets_413(server):
@@ -335,6 +402,8 @@ def _outward_address() -> str:
 def test_probes_and_metrics_need_no_key_and_the_server_binds_loopback(server):
     for path in ("/health", "/ready", "/metrics"):
         assert requests.get(server.url + path, timeout=30).status_code == 200
+    for path in ("/docs", "/redoc", "/openapi.json"):  # the API pages: not on a server with a key
+        assert requests.get(server.url + path, timeout=30).status_code == 404
     address = _outward_address()
     if address.startswith("127."):
         pytest.skip("this machine has no address but loopback")

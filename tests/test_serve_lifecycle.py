@@ -108,6 +108,39 @@ def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(server)
         requests.get(process.url + "/health", timeout=10)
 
 
+def test_a_second_sigterm_stops_now_and_answers_503_to_every_waiting_request():
+    """The first SIGTERM drains; the second drops the queue and stops the running call at its next
+    step (a 900-step call: half a minute or more, were it left to finish), every waiting request answered 503."""
+    process = ServerProcess(["--accelerator", "none", "--threads", "1", "--batch-sizes", "1",
+                             "--default-steps", "4", "--max-steps", "1000", "--max-batch-delay-ms", "0"]).start()
+    try:
+        process.wait_ready()
+        # DDIM's steps_offset (1) makes 1000 steps index past its 1000-entry table: refused, not a 500.
+        refused = requests.post(process.url + GENERATIONS, json={"prompt": "a", "num_inference_steps": 1000},
+                                timeout=30)
+        assert refused.status_code == 400 and "between 1 and 999, got 1000" in refused.json()["error"]["message"]
+        running = OpenRequest(process, {"prompt": "long", "num_inference_steps": 900, "seed": 1})
+        wait_for(lambda: gauge(process, "fastcache_serve_running_requests") == 1, what="the long call to start")
+        queued = [OpenRequest(process, {"prompt": f"queued {i}", "seed": i}) for i in range(2)]
+        wait_for(lambda: gauge(process, "fastcache_serve_queue_depth") == 2, what="two queued requests")
+        process.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: requests.get(process.url + "/ready", timeout=10).status_code == 503, what="draining")
+        assert gauge(process, "fastcache_serve_queue_depth") == 2  # the first signal lets the queue run
+        stopped_at = time.monotonic()
+        process.process.send_signal(signal.SIGTERM)
+        status, headers, body = running.response()
+        assert status == 503 and "stopped this request's pipeline call" in body["error"]["message"]
+        assert int(headers["retry-after"]) >= 1
+        for request in queued:
+            status, _, body = request.response()
+            assert status == 503 and body["error"]["message"] == "the request was dropped: shutdown"
+        assert process.process.wait(timeout=60) == -signal.SIGTERM  # ended by the signal, not drained
+        assert time.monotonic() - stopped_at < 30
+        assert "stopping now" in process.log_tail(200)
+    finally:
+        process.stop()
+
+
 @pytest.mark.parametrize("folder, reason", [("missing", "no such folder"), ("empty", "model_index.json")])
 def test_a_model_that_cannot_load_ends_the_process_with_status_1(tmp_path, folder, reason):
     if folder == "empty":

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.authentication import AuthenticationMiddleware
 
 from .batcher import Job, JobDropped, QueueFull
-from .engine import Engine, GenerationParams, JobResult, NotReady, PipelineFailed, RequestRejected
+from .engine import CallStopped, Engine, GenerationParams, JobResult, NotReady, PipelineFailed, RequestRejected
 from .middleware import BearerKey, BodyLimit, RequestMetrics, unauthorized
 from .protocol import (
     ErrorResponse,
@@ -40,6 +40,9 @@ logger = logging.getLogger("fastcache.serve")
 GENERATIONS = "/v1/images/generations"
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away; nobody receives it
+# The openai client retries 5xx twice unless told not to: not for a failed call, nor a timeout whose
+# call ran (a retry would run it again, on a server already too slow for it).
+NO_RETRY = {"x-should-retry": "false"}
 
 
 async def _disconnected(request: Request) -> None:
@@ -66,7 +69,7 @@ async def _outcome(engine: Engine, job: Job, request: Request) -> Response | Job
         timeout = engine.config.request_timeout
         where = "while its pipeline call ran" if started else "before its pipeline call started (dropped)"
         return error_response(504, f"the request timed out after {timeout:g} s {where} (--request-timeout)",
-                              code="timeout")
+                              code="timeout", headers=NO_RETRY if started else None)
     try:
         return result.result()
     except JobDropped as dropped:
@@ -74,8 +77,10 @@ async def _outcome(engine: Engine, job: Job, request: Request) -> Response | Job
             return error_response(504, f"the request waited {engine.config.request_timeout:g} s and was dropped "
                                   "before its pipeline call started (--request-timeout)", code="timeout")
         return error_response(503, f"the request was dropped: {dropped.reason}", headers={"Retry-After": "5"})
-    except PipelineFailed as failed:
-        return error_response(500, str(failed), code="pipeline_failed")
+    except CallStopped as stopped:
+        return error_response(503, str(stopped), headers={"Retry-After": "5"})
+    except PipelineFailed as failed:  # the same request would likely fail again: no client retries
+        return error_response(500, str(failed), code="pipeline_failed", headers=NO_RETRY)
 
 
 def build_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
@@ -92,12 +97,14 @@ def build_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             if manage_engine:
                 await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="fastcache", summary="OpenAI-compatible image generation with fastcache",
-                  lifespan=lifespan)
     config = engine.config
+    # The interactive API pages are open to anyone who can connect: only on a server without a key.
+    pages = {} if config.api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="fastcache", summary="OpenAI-compatible image generation with fastcache",
+                  lifespan=lifespan, **pages)
     if config.api_key:
         app.add_middleware(AuthenticationMiddleware, backend=BearerKey(config.api_key), on_error=unauthorized)
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout)
     app.add_middleware(RequestMetrics, metrics=engine.metrics, path=GENERATIONS)  # outermost: sees every status
 
     @app.exception_handler(RequestValidationError)
@@ -107,22 +114,27 @@ def build_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return error_response(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
+        message = str(error.detail)
+        if message == "There was an error parsing the body":  # FastAPI's words for a body json.loads refused
+            message = ("the request body could not be read as JSON: it must be UTF-8, with integers of at most "
+                       "4300 digits and nesting of reasonable depth")
+        return error_response(error.status_code, message, headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unexpected error in %s", request.url.path)
-        return error_response(500, f"internal error: {type(error).__name__}: {error}")
+        return error_response(500, f"internal error ({type(error).__name__}; the server's log has the details)")
 
     errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
 
     @app.post(GENERATIONS, response_model=ImagesResponse, responses=errors)
     async def create_images(body: ImageGenerationRequest, request: Request) -> Response:
-        if body.response_format == "url":
-            return error_response(400, "response_format 'url' is not supported: this server returns images "
-                                  "inline only; use 'b64_json'", param="response_format")
+        unsupported = body.unsupported()
+        if unsupported is not None:
+            param, message = unsupported
+            return error_response(400, message, param=param)
         params = GenerationParams(
-            prompt=body.prompt, n=body.n, size=body.size, negative_prompt=body.negative_prompt,
+            prompt=body.prompt, n=1 if body.n is None else body.n, size=body.size, negative_prompt=body.negative_prompt,
             num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale, seed=body.seed,
             model=body.model,
         )
@@ -150,12 +162,20 @@ def build_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=engine.model_id, created=engine.created)])
 
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+    async def model(model_id: str) -> Response:
+        if model_id != engine.model_id:
+            return error_response(404, f"model {model_id!r} is not served here; this server serves "
+                                  f"{engine.model_id!r}", param="model", code="model_not_found")
+        card = ModelCard(id=engine.model_id, created=engine.created)
+        return Response(card.model_dump_json(), media_type="application/json")
+
     @app.get("/health")
     async def health() -> JSONResponse:
-        """Liveness: 200 unless the engine failed for good (then restart the process)."""
-        status = 503 if engine.state == "failed" else 200
-        return JSONResponse({"status": engine.state, "replica": REPLICA, "failure": engine.failure},
-                            status_code=status)
+        """Liveness: 200 unless the engine failed for good or its call hangs (then restart the process)."""
+        problem = engine.health_problem()
+        return JSONResponse({"status": engine.state, "replica": REPLICA, "failure": problem},
+                            status_code=503 if problem else 200)
 
     @app.get("/ready")
     async def ready() -> JSONResponse:

@@ -87,6 +87,12 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def queued_images(self) -> int:
+        """Images asked for by the queued jobs (a job of n images is n of a call's `max_images`)."""
+        with self._cond:
+            return sum(job.images for job in self._queue)
+
     def idle(self) -> bool:
         """Nothing queued, and every batch handed out is `finished`."""
         with self._cond:

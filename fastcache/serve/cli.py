@@ -2,8 +2,9 @@
 
 Graceful shutdown: the first SIGTERM (or Ctrl+C) makes the server drain: new image requests and
 /ready get 503 (a load balancer takes the server out), queued and running requests finish, then
-uvicorn closes its connections and the process exits 0. A second signal stops without waiting
-for the queue. A pipeline that fails to load or warm, or an accelerator that can no longer serve,
+uvicorn closes its connections and the process exits 0. A second signal stops now: queued
+requests are dropped and the running call stops at its next step (all of them get 503), then the
+process ends by that signal (status 143 for SIGTERM); a third stops waiting for connections. A pipeline that fails to load or warm, or an accelerator that can no longer serve,
 ends the process with status 1 (so that a supervisor restarts it).
 """
 
@@ -35,7 +36,12 @@ def _draining_server_class() -> type:
             self.draining = False
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if self.draining:  # second signal: uvicorn's own handling (stop now; a third forces)
+            if self.should_exit:  # a third signal: uvicorn stops waiting for connections
+                self.force_exit = True
+                return
+            if self.draining:  # second signal: stop now, then uvicorn's own shutdown
+                logger.info("%s again: stopping now", signal.Signals(sig).name)
+                self.engine.abort()
                 super().handle_exit(sig, frame)
                 return
             self.draining = True

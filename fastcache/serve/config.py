@@ -93,6 +93,9 @@ class ServeConfig:
     api_key: str | None = field(default=None, metadata=_flag(
         f"require `Authorization: Bearer KEY` on /v1/* (default: ${API_KEY_ENV} if set, else no key)", metavar="KEY"))
     max_body_bytes: int = field(default=64 * 1024, metadata=_flag("larger request bodies get 413", int))
+    body_timeout: float = field(default=30.0, metadata=_flag(
+        "seconds a request body may take to arrive; a slower one gets 408 (a stalled client holds no "
+        "connection forever, nor a shutdown)", float))
     access_log: bool = field(default=False, metadata=_flag("log every HTTP request (uvicorn's access log)"))
     # -- batching, queueing, timeouts -----------------------------------------------------------
     max_queue: int = field(default=64, metadata=_flag("requests waiting for the pipeline; more get 429", int))
@@ -151,6 +154,8 @@ class ServeConfig:
             problems.append("--max-batch-delay-ms must be >= 0")
         if self.request_timeout <= 0:
             problems.append("--request-timeout must be positive")
+        if self.body_timeout <= 0:
+            problems.append("--body-timeout must be positive")
         if self.max_body_bytes < 1024:
             problems.append("--max-body-bytes must be at least 1024")
         if not 0 < self.port < 65536:

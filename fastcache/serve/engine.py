@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import os
+import re
 import secrets
 import threading
 import time
@@ -31,8 +32,11 @@ from .metrics import ServeMetrics
 
 logger = logging.getLogger("fastcache.serve")
 
+SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # WIDTHxHEIGHT
+MAX_SEED = 2**53 - 1  # exact in every JSON client (JavaScript numbers included)
+
 __all__ = ["Engine", "GenerationParams", "GeneratedImage", "JobResult", "RequestRejected", "NotReady", "PipelineFailed",
-           "JobDropped", "QueueFull"]
+           "CallStopped", "JobDropped", "QueueFull"]
 
 
 class RequestRejected(ValueError):
@@ -54,6 +58,10 @@ class NotReady(RuntimeError):
 
 class PipelineFailed(RuntimeError):
     """The pipeline call this request was part of raised."""
+
+
+class CallStopped(RuntimeError):
+    """The server stopped this request's pipeline call before its end (`Engine.abort`)."""
 
 
 @dataclass(frozen=True)
@@ -160,10 +168,13 @@ class Engine:
         self.pipe: Any = None
         self.accelerator: Accelerator | None = None
         self._guidance_free = False  # the U-Net embeds guidance (LCM-style): no CFG batch doubling
+        self.max_steps = config.max_steps  # lowered at load where the scheduler runs fewer
         self._ready = threading.Event()
         self._steps_seen: tuple[int, int] | None = None
         self._call_seconds = 1.0  # running mean of pipeline calls, for Retry-After
         self._calls = 0
+        self._aborting = False  # `abort`: the running call stops at its next step
+        self._call_started: float | None = None  # time.monotonic() of the running call's start
         self._thread: threading.Thread | None = None
         self.batcher = Batcher(
             config.max_queue, config.images_per_call, config.max_batch_delay_ms / 1000.0, combine=config.batching,
@@ -171,7 +182,7 @@ class Engine:
             on_depth=self.metrics.queue_depth.set,
         )
         self.metrics.info.info({
-            "model": self.model_id, "accelerator": config.accelerator, "batching": str(config.batching),
+            "model": self.model_id, "accelerator": config.accelerator, "batching": str(config.batching).lower(),
             "cache_interval": str(config.cache_interval), "cache_branch_id": str(config.cache_branch_id),
             "batch_sizes": ",".join(map(str, config.batch_sizes)), "compile_backend": config.compile_backend,
         })
@@ -197,6 +208,28 @@ class Engine:
             self.metrics.ready.set(0)
             self.batcher.flush()  # no request will come to share a call with the queued ones
             logger.info("draining: %d requests queued", self.batcher.depth)
+
+    def abort(self) -> None:
+        """Stop now, not after the queue: queued requests are dropped (503) and the running call stops
+        at its next step, its requests answered 503 too (their images would be unfinished)."""
+        self.begin_drain()
+        self._aborting = True
+        self.batcher.close(reason="shutdown")
+        logger.info("stopping now: queued requests dropped, the running call stops at its next step")
+
+    def health_problem(self, now: float | None = None) -> str | None:
+        """Why this engine cannot serve until its process restarts, or None. Besides a failure: a
+        pipeline call running past twice --request-timeout, when every request of it timed out long
+        ago and it should have stopped at its next step (a hung kernel or driver)."""
+        if self.state == "failed":
+            return self.failure or "the engine failed"
+        started = self._call_started
+        if started is not None:
+            running = (time.monotonic() if now is None else now) - started
+            if running > 2 * self.config.request_timeout:
+                return (f"the pipeline call has run {running:.0f} s, past twice --request-timeout "
+                        f"({self.config.request_timeout:g} s): the worker looks stuck")
+        return None
 
     def idle(self) -> bool:
         """Nothing queued or running."""
@@ -245,32 +278,40 @@ class Engine:
             raise RequestRejected(f"model {params.model!r} is not served here; this server serves {self.model_id!r}",
                                   "model", "model_not_found")
         served = ", ".join(size_label(size) for size in self.sizes)
-        if params.size is None:
+        if params.size in (None, "auto"):
             width, height = self.sizes[0]
         else:
-            text_width, _, text_height = params.size.partition("x")
-            width, height = int(text_width), int(text_height)
+            parsed = SIZE.fullmatch(params.size)
+            width, height = (int(parsed[1]), int(parsed[2])) if parsed else (0, 0)
             if (width, height) not in self.sizes:
-                raise RequestRejected(f"size {params.size} is not served; this server warmed: {served}", "size")
+                what = "is not served" if parsed else "is not WIDTHxHEIGHT"
+                raise RequestRejected(f"size {params.size!r} {what}; this server warmed: {served} ('auto': "
+                                      f"{size_label(self.sizes[0])})", "size")
         if not 1 <= params.n <= config.largest_batch:
             raise RequestRejected(f"n must be between 1 and {config.largest_batch} (the largest batch size this "
                                   f"server warmed), got {params.n}", "n")
         steps = config.default_steps if params.num_inference_steps is None else params.num_inference_steps
-        if not 1 <= steps <= config.max_steps:
-            raise RequestRejected(f"num_inference_steps must be between 1 and {config.max_steps}, got {steps}",
+        if not 1 <= steps <= self.max_steps:
+            raise RequestRejected(f"num_inference_steps must be between 1 and {self.max_steps}, got {steps}",
                                   "num_inference_steps")
         guidance = config.default_guidance_scale if params.guidance_scale is None else float(params.guidance_scale)
         if not math.isfinite(guidance) or guidance > 100.0 or (guidance <= 1.0 and not self._guidance_free):
-            raise RequestRejected(
-                f"guidance_scale must be a finite number in (1, 100], got {guidance}: this server warmed "
-                "classifier-free guidance, and guidance_scale <= 1 would run an unwarmed shape", "guidance_scale")
+            why = (": this server warmed classifier-free guidance, and guidance_scale <= 1 would run an unwarmed "
+                   "shape") if math.isfinite(guidance) and guidance <= 1.0 else ""
+            raise RequestRejected(f"guidance_scale must be a finite number in (1, 100], got {guidance}{why}",
+                                  "guidance_scale")
+        if params.seed is not None and not 0 <= params.seed <= MAX_SEED - (params.n - 1):
+            raise RequestRejected(f"seed must be between 0 and {MAX_SEED - (params.n - 1)} (2**53 - n: image i uses "
+                                  f"seed + i, and every seed returned must be exact in JSON), got {params.seed}", "seed")
         seed = secrets.randbelow(2**31) if params.seed is None else params.seed
         key = BatchKey(width, height, steps, guidance, params.negative_prompt is not None)
         return key, [Work(params.prompt, params.negative_prompt, seed + i) for i in range(params.n)]
 
     def retry_after(self) -> int:
-        """Seconds until the queue has room again, about: the calls queued ahead, at the mean call time."""
-        calls_ahead = 1 + self.batcher.depth // max(1, self.config.images_per_call)
+        """Seconds until what is queued now has run, about (the running call and the queued images in
+        full calls, at the mean call time): a client retrying then finds the queue no fuller than it
+        left it, where retrying as soon as one slot frees would meet every other refused client."""
+        calls_ahead = 1 + math.ceil(self.batcher.queued_images / max(1, self.config.images_per_call))
         return max(1, math.ceil(calls_ahead * self._call_seconds))
 
     def status(self) -> dict[str, Any]:
@@ -328,6 +369,14 @@ class Engine:
             native = pipe.unet.config.sample_size * pipe.vae_scale_factor
             self.sizes = ((native, native),)
         self._guidance_free = pipe.unet.config.time_cond_proj_dim is not None
+        # A scheduler offsetting its timesteps (DDIM's steps_offset) indexes past its table at
+        # num_train_timesteps steps: the most it can run is below --max-steps there.
+        scheduler = pipe.scheduler.config
+        usable = scheduler.get("num_train_timesteps", config.max_steps) - scheduler.get("steps_offset", 0)
+        if usable < config.max_steps:
+            logger.warning("--max-steps %d: this pipeline's scheduler runs at most %d steps; requests get that limit",
+                           config.max_steps, usable)
+            self.max_steps = usable
         cache_file_found = self._load_compile_cache()
         self.accelerator = ACCELERATORS[config.accelerator](pipe, config)
         if self.state == "loading":  # not draining or stopping already
@@ -401,11 +450,12 @@ class Engine:
         def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             if fault:
                 raise RuntimeError(f"injected fault (--fault-prompt) after step {step}")
-            if all(job.cancelled for job in batch):
+            if self._aborting or all(job.cancelled for job in batch):
                 pipe._interrupt = True  # diffusers skips the remaining steps (its documented interrupt)
             return {}
 
         started = time.perf_counter()
+        self._call_started = time.monotonic()
         try:
             result = self.pipe(
                 prompt=[item.prompt for item in calls],
@@ -415,9 +465,16 @@ class Engine:
                 generator=[torch.Generator("cpu").manual_seed(item.seed) for item in calls],
                 output_type="pil", callback_on_step_end=on_step_end,
             )
-            if all(job.cancelled for job in batch):
+            if self._aborting or all(job.cancelled for job in batch):
                 self.metrics.interrupted.inc()
+            if self._aborting and getattr(self.pipe, "_interrupt", True):  # its images are unfinished
+                raise CallStopped("the server is shutting down: it stopped this request's pipeline call before "
+                                  "its end")
             images = [_png_base64(image) for image in result.images[: len(work)]]
+        except CallStopped as stopped:
+            for job in batch:
+                job.state = "done"
+                settle(job.future, error=stopped)
         except Exception as error:  # noqa: BLE001 - fails this call's requests only
             logger.exception("pipeline call failed for %d request(s)", len(batch))
             self.metrics.failed_calls.inc()
@@ -436,6 +493,7 @@ class Engine:
                 settle(job.future, JobResult([GeneratedImage(png, seed) for png, seed in zip(mine, seeds)],
                                              self._calls, len(work), target))
         finally:
+            self._call_started = None
             seconds = time.perf_counter() - started
             self._call_seconds = 0.8 * self._call_seconds + 0.2 * seconds
             self.metrics.call_seconds.observe(seconds)

@@ -16,18 +16,21 @@ from prometheus_client import (
     Histogram,
     Info,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
 PREFIX = "fastcache_serve"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+RESPONSE_STATUSES = (200, 400, 401, 404, 408, 413, 429, 499, 500, 503, 504)  # what the image endpoint answers
 
 
 class ServeMetrics:
     """Every metric of one server (one engine). `render()` is the /metrics body."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # no `_created` series beside every counter and histogram (process-wide)
         self.registry = registry = CollectorRegistry()
         ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
         self.info = Info(f"{PREFIX}_build", "model, accelerator and settings of this server", registry=registry)
@@ -56,7 +59,8 @@ class ServeMetrics:
                                  "requests whose call ran but whose client had gone (timeout, disconnect)",
                                  registry=registry)
         self.interrupted = Counter(f"{PREFIX}_interrupted_calls",
-                                   "pipeline calls stopped early because no request wanted them any more",
+                                   "pipeline calls stopped early: no request wanted them any more, or "
+                                   "the server was stopped (a second SIGTERM)",
                                    registry=registry)
         self.unet_steps = Counter(f"{PREFIX}_unet_steps",
                                   "U-Net evaluations since warm-up: refresh (full U-Net) or cached (shallow "
@@ -76,6 +80,8 @@ class ServeMetrics:
             self.unet_steps.labels(kind)
         for reason in ("timeout", "disconnected", "cancelled", "shutdown"):
             self.dropped.labels(reason)
+        for status in RESPONSE_STATUSES:  # every series exists from the start, so rate() sees its first event
+            self.requests.labels(str(status))
 
     def watch_compilations(self, since_warmup: Callable[[], int]) -> None:
         """Read the count at every scrape, so the gauge cannot lag a compilation."""

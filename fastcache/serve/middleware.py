@@ -7,6 +7,7 @@ backend.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from fastapi import HTTPException
@@ -48,11 +49,13 @@ class RequestMetrics:
 
 
 class BodyLimit:
-    """413 for bodies over `max_bytes`: at once from Content-Length, else while they stream in
-    (an HTTPException from `receive`, which FastAPI's body reading lets through to the handler)."""
+    """413 for bodies over `max_bytes`: at once from Content-Length, else while they stream in; 408
+    for a body still incomplete `timeout_s` after the request began (uvicorn has no body timeout).
+    Both are an HTTPException from `receive`, which FastAPI's body reading lets through to the
+    handler. After the body, `receive` waits untimed (the handlers wait on it for a disconnect)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     def _message(self) -> str:
         return f"the request body is larger than {self.max_bytes} bytes (--max-body-bytes)"
@@ -65,15 +68,23 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > self.max_bytes:
             await error_response(413, self._message())(scope, receive, send)
             return
-        received = 0
+        received, complete = 0, False
+        give_up = time.monotonic() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, give_up - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise HTTPException(status_code=408, detail=f"the request body did not arrive within "
+                                    f"{self.timeout_s:g} s (--body-timeout)") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise HTTPException(status_code=413, detail=self._message())
+                complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -51,9 +51,11 @@ class FastCacheReplica:
         return build_app(self.engine, manage_engine=False)
 
     def check_health(self) -> None:
-        """Ray restarts a replica whose engine failed (e.g. an accelerator that can no longer serve)."""
-        if self.engine.state == "failed":
-            raise RuntimeError(self.engine.failure or "engine failed")
+        """Ray restarts a replica whose engine failed (e.g. an accelerator that can no longer serve) or
+        whose pipeline call hangs."""
+        problem = self.engine.health_problem()
+        if problem is not None:
+            raise RuntimeError(problem)
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
