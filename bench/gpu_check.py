@@ -33,6 +33,7 @@ Parts (names for ``--parts``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -136,17 +137,31 @@ def make_parts(dry_run: bool, python: str, workdir: str, cache_dir: str) -> dict
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the part's whole process group (pytest's and inductor's workers too), then SIGKILL."""
+    """SIGINT the part's own process first (pytest takes it as Ctrl+C and still writes its junit
+    file with the tests run so far), then SIGTERM its whole process group (pytest's and
+    inductor's workers too, also when the part's process is gone already), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=15.0)
     for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             return
-        try:
-            process.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if process.poll() is not None and not _group_alive(process.pid):
+                return
+            time.sleep(0.05)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def run_part(part: Part, timeout_s: float, env: dict[str, str], part_log: str, echo: TextIO) -> tuple[str, int | None]:

@@ -33,11 +33,22 @@ inputs are therefore saved before the warm-ups and put back after the capture.
 
 Captures in a threaded process. Captures take a process-wide lock (`CAPTURE_LOCK`), so two
 fastcache handles never capture at once, and use ``capture_error_mode="thread_local"``, so that
-another thread's allocations or syncs neither fail nor break the capture. Other threads' own CUDA
-work can still slow a capture, and any capture makes the capturing call wait for the GPU
-(``torch.cuda.graph`` synchronises): a threaded server should warm up every shape at start and run
-with ``strict=True``, so that no capture ever happens while serving (strict raises on an unwarmed
-shape instead).
+another thread's allocations or syncs neither fail nor break the capture. Another thread's cuBLAS
+work is not safe during a capture, though: the workspace clearing below (inductor's too) frees
+every thread's workspace, and a GEMM launched just then can read a freed one. Any capture also
+makes the capturing call wait for the GPU (``torch.cuda.graph`` synchronises). So a threaded
+server warms up every shape at start and runs with ``strict=True``: no capture ever happens while
+serving (strict raises on an unwarmed shape instead).
+
+A capture that CUDA aborts (an op that is illegal while capturing, in a user's attention
+processor, say) makes ``capture_end`` raise before torch's allocator leaves capture mode, and torch
+documents that the allocator can then be in "all kinds of weird states" for the process. So after
+one (`CaptureAborted`, which names the first error inside the capture rather than CUDA's echo of
+it) fastcache captures nothing more in the process: prepared shapes keep replaying, new shapes are
+refused with that reason, and a restart (or ``cuda_graphs=False``) is the way on.
+
+Global math settings (TF32, the SDPA backend) are read once, at capture: set them before warm-up.
+Autocast is part of the shape key, and warm-ups and capture run with its weight-cast cache off.
 
 cuBLAS workspaces: cuBLAS keeps one workspace per (handle, stream), allocated on first use. The
 warm-ups create one for the side stream in the ordinary pool; the capture would reuse it (a graph
@@ -77,6 +88,44 @@ WARMUP_RUNS = 2
 CAPTURE_LOCK = threading.Lock()
 
 
+class CaptureAborted(RuntimeError):
+    """CUDA aborted a graph capture; the process's allocator may be left mid-capture."""
+
+
+_capture_aborted: str | None = None  # why this process captures no more graphs (see the module docstring)
+
+
+@contextlib.contextmanager
+def cuda_capture(graph: Any, pool: Any, stream: Any) -> Iterator[None]:
+    """``torch.cuda.graph``, telling CUDA's refusal to end the capture (CaptureAborted, naming the
+    first error inside the capture, and no capture in this process after it) from an exception of
+    the captured function that CUDA ended cleanly (raised as it is)."""
+    global _capture_aborted
+    if _capture_aborted is not None:
+        raise CaptureAborted(f"an earlier capture in this process was aborted by CUDA ({_capture_aborted}), "
+                             "so fastcache captures no more graphs in it; restart the process, or accelerate "
+                             "with cuda_graphs=False")
+    context = torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local")
+    context.__enter__()
+    try:
+        yield
+    except BaseException as inside:
+        try:
+            context.__exit__(type(inside), inside, inside.__traceback__)
+        except BaseException as ending:
+            _capture_aborted = f"{type(inside).__name__}: {inside}"
+            raise CaptureAborted(f"CUDA aborted the capture ({type(ending).__name__}: {ending}); the first "
+                                 f"error inside it: {_capture_aborted}. fastcache captures no more graphs in "
+                                 "this process (torch's allocator may be left mid-capture)") from inside
+        raise
+    try:
+        context.__exit__(None, None, None)
+    except BaseException as ending:
+        _capture_aborted = f"{type(ending).__name__}: {ending}"
+        raise CaptureAborted(f"CUDA aborted the capture ({_capture_aborted}). fastcache captures no more graphs "
+                             "in this process (torch's allocator may be left mid-capture)") from ending
+
+
 def _as_tuple(value: Any) -> tuple[Tensor, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
@@ -92,6 +141,18 @@ def clear_cublas_workspaces() -> None:
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear is not None:
         clear()
+
+
+@contextlib.contextmanager
+def autocast_without_cache(device_type: str) -> Iterator[None]:
+    """Autocast as the caller has it, minus its weight-cast cache. A capture that hits the cache
+    records no cast and reads the cached copies, which autocast frees when its region ends: later
+    replays would read freed memory (torch's make_graphed_callables refuses the cache for this)."""
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False):
+        yield
 
 
 @contextlib.contextmanager
@@ -126,9 +187,7 @@ class CapturedFunction:
         else:
             self._graph = torch.cuda.CUDAGraph()
             stream = torch.cuda.current_stream()
-            with cublas_workspaces_cleared(), torch.cuda.graph(
-                self._graph, pool=pool, stream=stream, capture_error_mode="thread_local"
-            ):
+            with cublas_workspaces_cleared(), cuda_capture(self._graph, pool, stream):
                 self.outputs = function()
 
     def replay(self) -> None:
@@ -378,7 +437,7 @@ class GraphRunner(Runner):
     def memory(self) -> MemoryReport:
         """Static buffers of every shape, and on CUDA the graph pool's segments. The graphs'
         outputs and kept features are allocated inside the pool during capture, so on CUDA they
-        are part of `graph_pool` (counted there, not again in `total`)."""
+        are part of `graph_pool` (counted there, not again in `total`); TGATE's are not."""
         inputs = outputs = kept = 0
         for graphs in self._shapes.values():
             inputs += tensor_bytes(graphs.static_tensors.values())
@@ -387,14 +446,14 @@ class GraphRunner(Runner):
                 kept += tensor_bytes([graphs.kept])
             if graphs.shallow is not None:
                 outputs += tensor_bytes(_as_tuple(graphs.shallow.outputs))
-        for shape in self._tgate.values():  # TGATE: static inputs, kept buffer, attention caches
+        tgate = tensor_bytes(self._tgate_buffers.values())  # TGATE: attention caches, kept buffers
+        for shape in self._tgate.values():
             inputs += tensor_bytes(shape.static_tensors.values())
-            kept += tensor_bytes([shape.kept] if shape.kept is not None else [])
-        kept += tensor_bytes(self._tgate_buffers.values())
-        if self._pool is None:
-            return MemoryReport(len(self._shapes), inputs, outputs, kept, None)
-        pool = graph_pool_bytes(torch.cuda.memory_snapshot(), self._pool)
-        return MemoryReport(len(self._shapes), inputs, outputs, kept, pool)
+            tgate += tensor_bytes([shape.kept] if shape.kept is not None else [])
+            outputs += tensor_bytes(_as_tuple(graph.outputs)[0] for graph, _, _ in shape.graphs.values())
+        shapes = len(set(self._shapes) | set(self._tgate))
+        pool = None if self._pool is None else graph_pool_bytes(torch.cuda.memory_snapshot(), self._pool)
+        return MemoryReport(shapes, inputs, outputs, kept, pool, tgate)
 
     @property
     def compilations(self) -> int:
@@ -423,7 +482,7 @@ class GraphRunner(Runner):
         """
         assert self._streams is not None
         emulation = None if not self.emulate else ("rerun" if self.compiled is not None else "record")
-        with CAPTURE_LOCK:
+        with CAPTURE_LOCK, autocast_without_cache(self._streams.device.type):
             saved = [tensor.clone() for tensor in inputs]
             with self._streams.on_side():
                 for _ in range(WARMUP_RUNS):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import ShapeLimitError, ShapeNotWarmedError
-from .unet_call import StepInputs
+from .unet_call import AUTOCAST, StepInputs
 
 
 class Split(Protocol):
@@ -84,9 +84,12 @@ def without_inference_tensors(value: Any) -> Any:
 def describe_key(key: Hashable) -> str:
     """A short human-readable form of a shape key, for error messages."""
     device, *named = key  # type: ignore[misc]
-    sample = dict((name, (shape, dtype)) for name, shape, dtype in named)["sample"]
-    shape, dtype = sample
-    return f"batch {shape[0]}, latents {shape[1]}x{shape[2]}x{shape[3]}, {str(dtype).replace('torch.', '')} on {device}"
+    entries = {name: (shape, dtype) for name, shape, dtype in named}
+    shape, dtype = entries["sample"]
+    text = f"batch {shape[0]}, latents {shape[1]}x{shape[2]}x{shape[3]}, {str(dtype).replace('torch.', '')} on {device}"
+    if AUTOCAST in entries:
+        text += f" under autocast to {str(entries[AUTOCAST][1]).replace('torch.', '')}"
+    return text
 
 
 def not_warmed_error(key: Hashable, which: str, warmed: Iterable[Hashable]) -> ShapeNotWarmedError:
@@ -125,12 +128,15 @@ class MemoryReport:
     # intermediate activations, and the outputs and kept features above, which capture allocates
     # there. None where no CUDA Graph is captured.
     graph_pool: int | None
+    # TGATE's kept features and attention caches: outside the pool by design (graphs.py), so
+    # counted on their own, pool or not.
+    tgate_buffers: int = 0
 
     @property
     def total(self) -> int:
         if self.graph_pool is not None:  # the outputs and kept features live inside the pool
-            return self.static_inputs + self.graph_pool
-        return self.static_inputs + self.static_outputs + self.kept_features
+            return self.static_inputs + self.graph_pool + self.tgate_buffers
+        return self.static_inputs + self.static_outputs + self.kept_features + self.tgate_buffers
 
 
 class Runner:
@@ -205,8 +211,8 @@ class Runner:
     def memory(self) -> MemoryReport:
         """What this runner holds between calls (here: the kept features of the latest refresh,
         and with TGATE the attention outputs kept)."""
-        kept = ([self._kept] if self._kept is not None else []) + list(self._tgate_caches.values())
-        return MemoryReport(len(kept), 0, 0, tensor_bytes(kept), None)
+        kept = [self._kept] if self._kept is not None else []
+        return MemoryReport(len(kept), 0, 0, tensor_bytes(kept), None, tensor_bytes(self._tgate_caches.values()))
 
 
 class EagerRunner(Runner):

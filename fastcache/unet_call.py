@@ -179,13 +179,22 @@ class StepInputs:
         return named
 
     def key(self) -> Hashable:
-        """What a compiled graph specialises on: the device, shapes and dtypes of every input."""
-        return (str(self.sample.device),) + tuple(
+        """What a compiled graph specialises on: the device, shapes and dtypes of every input, and
+        autocast's dtype while it is on (a graph captured under autocast computes in its dtype; the
+        same call outside it must not replay that graph)."""
+        device = self.sample.device
+        key = (str(device),) + tuple(
             (name, tuple(tensor.shape), tensor.dtype) for name, tensor in self.tensors().items()
         )
+        if torch.is_autocast_enabled(device.type):
+            key += ((AUTOCAST, (), torch.get_autocast_dtype(device.type)),)
+        return key
 
     def args(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
         return self.sample, self.timestep, self.encoder_hidden_states, self.added
+
+
+AUTOCAST = "autocast"  # the key entry of autocast's dtype, beside the inputs' (name, shape, dtype)
 
 
 def check_call(

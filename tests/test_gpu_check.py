@@ -111,6 +111,21 @@ def test_a_part_past_its_timeout_is_killed_with_its_children_and_later_parts_are
     assert "started" in slow_log  # the output of a killed part comes back
 
 
+def test_a_pytest_part_past_its_timeout_still_leaves_its_junit_counts(tmp_path):
+    """The CUDA tests part killed at its cap: pytest is interrupted, not killed, so its junit file
+    still counts the tests that ran (the summary reads it)."""
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                                           "def test_slow():\n    time.sleep(600)\n")
+    junit = tmp_path / "junit.xml"
+    part = gpu_check.Part("cuda-tests", "a slow test run", (sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(tmp_path / "test_slow.py"), "--junitxml", str(junit)), 60, 1)
+    started = time.monotonic()
+    status, _ = gpu_check.run_part(part, 15, dict(os.environ), str(tmp_path / "output.log"), open(os.devnull, "w"))
+    assert status == "timeout" and time.monotonic() - started < 60
+    counts = gpu_check.junit_counts(str(junit))
+    assert counts is not None and counts["tests"] >= 1 and counts["failures"] == 0
+
+
 def test_only_the_headline_keeps_its_sample_images(tmp_path):
     work = tmp_path / "gpu-check-y"
     for part in ("headline", "sdxl"):

@@ -62,6 +62,34 @@ def test_outputs_belong_to_the_caller(sd_pipe):
         assert torch.equal(first, kept_copy), "a later replay overwrote an output the caller holds"
 
 
+@torch.no_grad()
+def test_a_graph_captured_under_autocast_records_its_casts_and_serves_only_calls_under_it():
+    """Under autocast the capture must record the weight casts (autocast's cache would hand it
+    copies that are freed when the region ends: replays on a GPU would read freed memory), and a
+    call outside autocast must not replay the autocast graph (it would return bfloat16).
+    References: the plain U-Net under the same autocast state, bit for bit."""
+    pipe = tiny_sd_pipeline()
+    generator = torch.Generator().manual_seed(0)
+    sample, context = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    weights = {parameter.data_ptr() for parameter in pipe.unet.parameters()}
+    plain = pipe.unet(sample, 900, context).sample
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_bf16 = pipe.unet(sample, 900, context).sample
+    with accelerated(pipe, cache_interval=2, compile=False, emulate_graphs=True) as handle:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = pipe.unet(sample, 900, context).sample
+        (graphs,) = handle._runner._shapes.values()
+        recorded_casts = sum(1 for op, args, _, _ in graphs.full._replay_function._tape
+                             if op is torch.ops.aten._to_copy.default and torch.is_tensor(args[0])
+                             and args[0].data_ptr() in weights)
+        handle.reset()
+        outside = pipe.unet(sample, 900, context).sample
+        assert handle._runner.captures == 2  # a full graph for each autocast state
+    assert recorded_casts > 0
+    assert under.dtype == torch.bfloat16 and torch.equal(under, plain_bf16)
+    assert outside.dtype == torch.float32 and torch.equal(outside, plain)
+
+
 @pytest.mark.covers("StableDiffusionPipeline", "emulated CUDA Graphs")
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.covers(check="compiled (dynamo, no graph breaks)"))],
                          ids=["eager", "inductor"])
@@ -575,7 +603,9 @@ def test_cuda_pipeline_calls_from_threads_on_their_own_streams(cuda_pipe):
 def test_cuda_capture_while_another_thread_works_on_the_gpu(cuda_pipe):
     """Non-strict serving captures a new shape mid-request while other threads use the GPU
     (allocating, computing on the default stream, reading values back): the capture is
-    thread-local, so neither side fails and the graphs are right."""
+    thread-local, so neither side fails and the graphs are right. No GEMM in the other thread:
+    clearing cuBLAS workspaces around a capture (as inductor does) can free one that a GEMM there
+    is about to use, a race torch accepts too (graphs.py's docstring)."""
     with accelerated(cuda_pipe, cache_interval=3, cuda_graphs=False):
         expected = noise_per_step(cuda_pipe, height=64, width=64)
     stop, errors = threading.Event(), []
@@ -586,7 +616,7 @@ def test_cuda_capture_while_another_thread_works_on_the_gpu(cuda_pipe):
             while not stop.is_set():
                 size = 64 + (size * 7) % 512  # new sizes: fresh allocations now and then
                 x = torch.randn(size, size, device="cuda")
-                (x @ x).sum().item()
+                (x * x + 1.0).sum().item()
         except Exception as error:  # reported below
             errors.append(error)
 
@@ -639,3 +669,52 @@ def test_cuda_graph_pool_is_given_back_by_disable(cuda_pipe):
         handle.disable()
     assert graph_pool_bytes(torch.cuda.memory_snapshot(), pool) == 0, "the pool outlives disable()"
     assert torch.cuda.memory_reserved() <= reserved - report.graph_pool
+
+
+class _FakeCapture:
+    """Stands for torch.cuda.graph on a CPU: its exit (capture_end) raises when told to."""
+
+    def __init__(self, end_error: Exception | None) -> None:
+        self.end_error, self.exits = end_error, []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_FakeCapture":
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.exits.append(exc_info[0])
+        if self.end_error is not None:
+            raise self.end_error
+
+
+def test_a_capture_cuda_aborts_names_the_first_error_and_stops_later_captures(monkeypatch):
+    """torch's capture_end raising leaves its allocator mid-capture for the process: the error
+    names what failed inside the capture, and no later capture is attempted. An error inside a
+    capture that CUDA ends cleanly is raised as it is and stops nothing."""
+    from fastcache import graphs
+
+    monkeypatch.setattr(graphs, "_capture_aborted", None)
+    clean = _FakeCapture(None)
+    monkeypatch.setattr(torch.cuda, "graph", clean)
+    with pytest.raises(ValueError, match="a bad input"):
+        with graphs.cuda_capture(None, None, None):
+            raise ValueError("a bad input")
+    assert clean.exits == [ValueError] and graphs._capture_aborted is None
+
+    aborting = _FakeCapture(RuntimeError("CUDA error: operation failed due to a previous error during capture"))
+    monkeypatch.setattr(torch.cuda, "graph", aborting)
+    with pytest.raises(graphs.CaptureAborted) as aborted:
+        with graphs.cuda_capture(None, None, None):
+            raise RuntimeError("operation not permitted when stream is capturing (an .item() in a processor)")
+    message = str(aborted.value)
+    assert "the first error inside it: RuntimeError: operation not permitted" in message
+    assert "previous error during capture" in message and "no more graphs" in message
+
+    later = _FakeCapture(None)
+    monkeypatch.setattr(torch.cuda, "graph", later)
+    with pytest.raises(graphs.CaptureAborted, match="an earlier capture in this process was aborted"):
+        with graphs.cuda_capture(None, None, None):
+            pass
+    assert later.exits == []  # not even begun

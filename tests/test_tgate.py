@@ -247,6 +247,26 @@ def test_emulated_graphs_match_eager(request, pipe_name, tgate):
     assert handle.runtime == "emulated-graphs"
 
 
+def test_memory_report_counts_tgates_buffers_beside_the_pool(sd_pipe):
+    """TGATE's attention caches and kept buffers live outside the graph pool, so the report counts
+    them on their own (a pool-based total would leave them out). Reference: the eager runner's
+    report of the same call (the same caches, and the kept features at the unguided batch)."""
+    options = dict(cache_interval=3, cache_branch_id=2, gate_step=5, compile=False)
+    with accelerated(sd_pipe, **options) as handle:
+        latents(sd_pipe, height=64, width=64)
+        eager = handle.memory()
+    with accelerated(sd_pipe, emulate_graphs=True, **options) as handle:
+        latents(sd_pipe, height=64, width=64)
+        graphs = handle.memory()
+    noise = 4 * 8 * 8 * 4  # one image's 64x64 latents in fp32
+    assert graphs.shapes == 2  # the guided and the unguided batch
+    # kept buffers at batch 2 (before the gate) and batch 1 (after it: the eager runner's latest)
+    assert graphs.tgate_buffers == eager.tgate_buffers + 3 * eager.kept_features > 3 * eager.kept_features
+    assert graphs.static_outputs == (3 * 2 + 2 * 1) * noise  # full, shallow, storing at b2; full, shallow at b1
+    assert graphs.total == graphs.static_inputs + graphs.static_outputs + graphs.tgate_buffers
+    assert graphs.kept_features == 0
+
+
 def test_warmup_prepares_every_graph_for_strict_serving(sd_pipe):
     """Compiled and captured (emulated), strict: warm-up prepares every graph a call uses."""
     expected, _ = fastcache_latents(sd_pipe, 2, 0, 3, steps=6, compile=False)
