@@ -237,11 +237,12 @@ class FastCache:
         also changes made where fastcache does not watch, model_watch.py; a replaced ``pipe.unet``
         is accelerated in place of the previous one), as a pipeline call does at its start.
         """
+        self._require_enabled()
         with self._exclusive():  # never in the middle of another thread's pipeline call
-            if self.enabled and getattr(self.pipe, "unet", None) is not self.unet:
+            self._require_enabled()  # disabled by another thread meanwhile
+            if getattr(self.pipe, "unet", None) is not self.unet:
                 self._model.adopt(self.pipe)
-            if self.enabled:
-                self._model.check(full=True)
+            self._model.check(full=True)
             self._dispatcher.rearm()
             self._last_thread = threading.get_ident()
             self._loop_managed = True

@@ -390,7 +390,7 @@ class GraphRunner(Runner):
     def _capture_tgate(
         self, key: Hashable, shape: TgateShape, refresh: bool, actions: tuple[str, str, str]
     ) -> tuple[CapturedFunction, dict[str, Tensor], dict[str, Tensor]]:
-        self._check_new(key, "full" if refresh else "shallow")
+        self._check_new(key, "full_tgate" if refresh else "shallow_tgate", actions)
         reads = {name: self._tgate_latest[name] for name in self.split.tgate_reads(refresh, actions)}  # type: ignore[attr-defined]
         writes: dict[str, Tensor] = {}
         which = "full_tgate" if refresh else "shallow_tgate"
@@ -495,9 +495,11 @@ class GraphRunner(Runner):
         self.captures += 1
         return captured
 
-    def _check_new(self, key: Hashable, which: str) -> None:
+    def _check_new(self, key: Hashable, which: str, plan: Hashable | None = None) -> None:
         if not self.may_prepare(key):
-            raise not_warmed_error(key, which, [k for k, g in self._shapes.items() if g.full is not None])
+            warmed = [k for k, g in self._shapes.items() if g.full is not None]
+            warmed += [k for k, shape in self._tgate.items() if any(refresh for refresh, _ in shape.graphs)]
+            raise not_warmed_error(key, which, warmed, plan)
 
     def _capture_full(self, key: Hashable, inputs: StepInputs) -> ShapeGraphs:
         self._check_new(key, "full")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Protocol
 
@@ -27,6 +28,8 @@ from torch import Tensor
 
 from .errors import ShapeLimitError, ShapeNotWarmedError
 from .unet_call import AUTOCAST, StepInputs
+
+logger = logging.getLogger("fastcache")
 
 
 class Split(Protocol):
@@ -92,13 +95,35 @@ def describe_key(key: Hashable) -> str:
     return text
 
 
-def not_warmed_error(key: Hashable, which: str, warmed: Iterable[Hashable]) -> ShapeNotWarmedError:
-    """The strict-serving error for a shape key that warm-up did not prepare."""
+def _sample_dtype(key: Hashable) -> str:
+    _, *named = key  # type: ignore[misc]
+    return next(str(dtype).replace("torch.", "") for name, _, dtype in named if name == "sample")
+
+
+def not_warmed_error(key: Hashable, which: str, warmed: Iterable[Hashable],
+                     plan: Hashable | None = None) -> ShapeNotWarmedError:
+    """The strict-serving error for a shape key that warm-up did not prepare (`warmed`: the keys
+    it did), or, with TGATE's attention `plan`, a warmed key whose plan was not."""
+    warmed = set(warmed)
+    if plan is not None and key in warmed:
+        return ShapeNotWarmedError(
+            f"strict serving: {describe_key(key)} was warmed up, but not with this call's TGATE attention "
+            f"plan {plan} ({which} U-Net). With sp_interval, fi_interval or warm_up the plans depend on the "
+            "number of steps: warm up with num_inference_steps set to the count you serve, or accelerate "
+            "with strict=False."
+        )
     names = sorted({describe_key(k) for k in warmed}) or ["none"]
+    dtypes = sorted({_sample_dtype(k) for k in warmed})
+    if dtypes and _sample_dtype(key) not in dtypes:
+        advice = (f"This call's latents are {_sample_dtype(key)} and every warmed shape's {', '.join(dtypes)}: "
+                  "plain diffusers fails on latents in another dtype than its U-Net's, so cast them (or, "
+                  "for a U-Net converted on purpose, warm up at this dtype).")
+    else:
+        advice = ("Call warmup() with this height, width and batch size first, or accelerate with strict=False "
+                  "to compile new shapes on first use.")
     return ShapeNotWarmedError(
         f"strict serving: no graph was warmed up for {describe_key(key)} ({which} U-Net); "
-        f"warmed shapes: {'; '.join(names)}. Call warmup() with this height, width and batch size "
-        "first, or accelerate with strict=False to compile new shapes on first use."
+        f"warmed shapes: {'; '.join(names)}. {advice}"
     )
 
 
@@ -245,7 +270,7 @@ class EagerRunner(Runner):
     def _tgate_call(self, which: str, key: Hashable, actions: tuple[str, str, str], *args: Any) -> Any:
         full = which == "full_tgate"
         if full and key not in self._ran and not self.may_prepare(key):
-            raise not_warmed_error(key, "full", self._ran)
+            raise not_warmed_error(key, which, self._ran)
         result = getattr(self.split, which)(*args)
         if full:
             self._ran.add(key)
@@ -335,7 +360,8 @@ class CompiledFunctions:
         graph = _graph(key, variant)
         known = graph in self.compiled[which]
         if not known and not allow_new:
-            raise not_warmed_error(key, which, self.compiled["full"])
+            warmed = {g[0] if variant is not None else g for g in self.compiled[which]} | self.compiled["full"]
+            raise not_warmed_error(key, which, warmed, variant)
         if not known and len(self.compiled[which]) >= RECOMPILE_LIMIT:
             raise shape_limit_error(key, which)
         from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
@@ -383,6 +409,18 @@ def dynamo_config_is_thread_local() -> bool:
     return isinstance(getattr(entry, "user_override", None), contextvars.ContextVar)
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_strict_is_weaker() -> None:
+    """Once per process: strict serving on a torch whose dynamo settings are process-wide."""
+    import torch._dynamo
+
+    logger.warning(
+        "strict=True on torch %s: a recompilation of a warmed shape (a dynamo guard failing) is not refused, "
+        "and dynamo's own limit of %d graphs per function applies instead of fastcache's %d with its eager "
+        "fallback; torch >= 2.13 keeps dynamo's settings per thread, which strict serving needs for both",
+        torch.__version__, getattr(torch._dynamo.config, "recompile_limit", 8), RECOMPILE_LIMIT)
+
+
 @contextlib.contextmanager
 def dynamo_policy(fail_on_recompile: bool) -> Iterator[None]:
     """Dynamo's settings for one call of a fastcache function, on the calling thread only.
@@ -399,6 +437,8 @@ def dynamo_policy(fail_on_recompile: bool) -> Iterator[None]:
     recompilation of a warmed key is not refused.
     """
     if not dynamo_config_is_thread_local():
+        if fail_on_recompile:
+            _warn_strict_is_weaker()
         yield
         return
     import torch._dynamo

@@ -352,6 +352,9 @@ def test_a_disabled_handle_raises_a_fastcache_error(sd_pipe):
         handle.warmup(height=64, width=64)
     with pytest.raises(HandleDisabledError, match="disabled"):
         handle.attach(StableDiffusionImg2ImgPipeline(**sd_pipe.components))
+    with pytest.raises(HandleDisabledError, match="disabled"):
+        handle.reset()
+    assert handle.memory().total == 0  # still answers: nothing held
     assert issubclass(HandleDisabledError, FastCacheError) and issubclass(HandleDisabledError, RuntimeError)
     assert_untouched(sd_pipe)
 
@@ -365,8 +368,28 @@ def test_strict_is_honoured_without_compile(sd_pipe, deepcache_4_steps):
         actual = latents(sd_pipe, steps=4)
         with pytest.raises(ShapeNotWarmedError, match=r"4x8x8(.|\n)*warmed shapes: batch 2, latents 4x16x16"):
             latents(sd_pipe, steps=2, height=64, width=64)
+        # a warmed size in another dtype: the advice is about the dtype, not about warming a size
+        with pytest.raises(ShapeNotWarmedError, match="latents are float64 and every warmed shape's float32: "
+                                                      "plain diffusers fails"):
+            latents(sd_pipe, steps=2, latents=torch.zeros(1, 4, 16, 16, dtype=torch.float64))
         assert handle.enabled
     assert_close_relative(actual, deepcache_4_steps, DEEPCACHE_RTOL)
+
+
+def test_strict_on_a_torch_with_process_wide_dynamo_settings_warns_once(monkeypatch, caplog):
+    """Below torch 2.13 dynamo's settings are process-wide, so strict serving cannot refuse a
+    recompilation or apply fastcache's own graph limit: said once, not on every call."""
+    monkeypatch.setattr(runtime, "dynamo_config_is_thread_local", lambda: False)
+    runtime._warn_strict_is_weaker.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="fastcache"):
+            for fail_on_recompile in (True, True, False):
+                with runtime.dynamo_policy(fail_on_recompile):
+                    pass
+    finally:
+        runtime._warn_strict_is_weaker.cache_clear()
+    (warning,) = [r.getMessage() for r in caplog.records if "strict=True on torch" in r.getMessage()]
+    assert "recompilation of a warmed shape" in warning and "is not refused" in warning
 
 
 # -- item 8: a replaced U-Net ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from diffusers import (
 )
 
 import fastcache
-from fastcache.errors import InvalidConfigError, UnsupportedInputError, UnsupportedPipelineError
+from fastcache.errors import InvalidConfigError, ShapeNotWarmedError, UnsupportedInputError, UnsupportedPipelineError
 
 from .helpers import PROMPT, accelerated, assert_close_relative, assert_untouched, latents, max_diff
 
@@ -245,6 +245,19 @@ def test_emulated_graphs_match_eager(request, pipe_name, tgate):
     assert_close_relative(first, expected, COMPILED_RTOL)
     assert_close_relative(second, expected, COMPILED_RTOL)
     assert handle.runtime == "emulated-graphs"
+
+
+@pytest.mark.parametrize("runtime", [dict(compile_backend="eager"), dict(compile_backend="eager", emulate_graphs=True)],
+                         ids=["compiled", "emulated-graphs"])
+def test_strict_names_an_unwarmed_attention_plan_and_the_step_count_to_warm(sd_pipe, runtime):
+    """With self-attention caching, the attention plans depend on the number of steps: a warm-up
+    at another count leaves a plan unprepared, and the error says so (not 'warm this size')."""
+    with accelerated(sd_pipe, cache_interval=3, gate_step=4, strict=True, **SA_OPTIONS, **runtime) as handle:
+        handle.warmup(num_inference_steps=6)
+        with pytest.raises(ShapeNotWarmedError, match=r"was warmed up, but not with this call's TGATE attention "
+                                                      r"plan(.|\n)*num_inference_steps set to the count you serve"):
+            latents(sd_pipe, steps=9)
+        assert handle.enabled
 
 
 def test_memory_report_counts_tgates_buffers_beside_the_pool(sd_pipe):
