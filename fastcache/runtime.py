@@ -364,7 +364,11 @@ class CompiledFunctions:
             raise not_warmed_error(key, which, warmed, variant)
         if not known and len(self.compiled[which]) >= RECOMPILE_LIMIT:
             raise shape_limit_error(key, which)
-        from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
+        from torch._dynamo import exc
+
+        # Both exist in torch 2.13; the tuple is empty where an older torch lacks one (never raised there).
+        RecompileError = getattr(exc, "RecompileError", ())  # noqa: N806
+        FailOnRecompileLimitHit = getattr(exc, "FailOnRecompileLimitHit", ())  # noqa: N806
 
         try:
             with dynamo_policy(fail_on_recompile=known and not allow_new):

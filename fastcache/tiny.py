@@ -1,7 +1,7 @@
 """Tiny Stable Diffusion pipelines built offline from configs (random weights).
 
 They are the embedded default of ``python -m fastcache demo`` and the models of the test suite: the
-same diffusers classes and data flow as SD 1.x and SDXL (4 and 3 U-Net levels, cross-attention,
+same diffusers classes and data flow as SD 1.x, SD 2.x and SDXL (4 and 3 U-Net levels, cross-attention,
 ``text_time`` conditions, an 8x VAE), small enough to run, and compile, on two CPU cores. The
 tokenizer is a character-level CLIP BPE written from a small vocabulary, so nothing is downloaded.
 """
@@ -82,6 +82,28 @@ def tiny_sd_unet(sample_size: int = 16, in_channels: int = 4) -> Any:
     )
 
 
+def tiny_sd2_unet(sample_size: int = 16) -> Any:
+    """An SD 2.x-shaped U-Net: SD 1.x's blocks with linear projections in and out of the
+    transformers, a head size per level, upcast attention (2.1's 768-v) and a wider text width
+    (OpenCLIP's)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=48,
+        attention_head_dim=(2, 4, 8, 8),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+    )
+
+
 def tiny_sdxl_unet(sample_size: int = 16, refiner: bool = False) -> Any:
     """An SDXL-shaped U-Net: a plain first block, ``text_time`` conditions, 9 branches.
 
@@ -138,6 +160,30 @@ def tiny_sd_pipeline(
         scheduler=DDIMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
             set_alpha_to_one=False, steps_offset=1,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _finish(pipe, device, dtype)
+
+
+def tiny_sd2_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """A StableDiffusionPipeline shaped like SD 2.1 (768-v): `tiny_sd2_unet`, a 48-wide text
+    encoder, and a v-prediction DDIM scheduler (default image 128x128)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    pipe = StableDiffusionPipeline(
+        unet=tiny_sd2_unet(),
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer), hidden_size=48, projection_dim=48)),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
         ),
         safety_checker=None,
         feature_extractor=None,

@@ -29,6 +29,9 @@ from .helpers import accelerated, assert_untouched, control_image, controlnet_pi
 TOLERANCE = 1e-5  # float32 latents of magnitude ~40: the bound test_controlnet.py uses against DeepCache
 INTERVAL = 3
 
+# The support table's row (docs/support.md).
+REUSE_ROW = "controlnet_reuse=True (reference: DeepCache fed the residuals of the latest refresh)"
+
 
 
 @pytest.fixture(scope="module", params=["sd", "sdxl", "sd-multi"])
@@ -115,6 +118,7 @@ def _expected_events(decisions: list[bool], nets: int) -> str:
     return "".join(("C" * nets + "R") if refresh else "c" for refresh in decisions)
 
 
+@pytest.mark.covers(REUSE_ROW, "= DeepCache")
 def test_reuse_equals_deepcache_with_replayed_residuals(controlnet_pipe):
     call = controlnet_pipe.control_kwargs
     deepest = unet_layout(controlnet_pipe.unet).num_branches - 1
@@ -140,6 +144,7 @@ def test_controlnet_runs_exactly_on_refresh_steps(controlnet_pipe):
     _assert_controlnet_clean(controlnet_pipe)
 
 
+@pytest.mark.covers(REUSE_ROW, "= DeepCache")
 @pytest.mark.parametrize("variant", ["guess_mode", "guidance_end", "no_cfg"])
 def test_reuse_rules_per_step_arguments(controlnet_pipe, variant):
     """guess_mode (residuals concatenated after zeros), a conditioning scale that drops to 0 after
@@ -163,7 +168,10 @@ def test_reuse_rules_per_step_arguments(controlnet_pipe, variant):
         assert runs == _expected_events(fc.stats.last_call, 1)
 
 
-@pytest.mark.parametrize("path", ["emulate_graphs", "compile_backend_eager"])
+@pytest.mark.parametrize("path", [
+    pytest.param("emulate_graphs", marks=pytest.mark.covers(REUSE_ROW, "emulated CUDA Graphs")),
+    pytest.param("compile_backend_eager", marks=pytest.mark.covers(REUSE_ROW, "compiled (dynamo, no graph breaks)")),
+])
 def test_graph_paths_equal_eager_path(controlnet_pipe, path):
     call = controlnet_pipe.control_kwargs
     steps = 4 if path == "compile_backend_eager" else 10  # dynamo traces both graphs: keep it short

@@ -120,6 +120,7 @@ def test_timesteps_on_host_puts_them_on_the_cpu_and_restores_the_scheduler():
 
 
 @pytest.mark.covers(check="= DeepCache")
+@pytest.mark.covers("host_timesteps=True (timesteps kept on the host)")
 def test_host_timesteps_give_the_same_images_and_leave_the_scheduler_as_it_was(any_pipe):
     seen: list[tuple[bool, str]] = []
 

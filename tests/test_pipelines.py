@@ -15,7 +15,7 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
 )
 
-from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_sdxl_refiner
+from fastcache.tiny import tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_sdxl_refiner
 
 from .helpers import accelerated, deepcache_latents, latents, max_diff
 
@@ -58,6 +58,7 @@ PIPELINES = {
                                dict(image=IMAGE, mask_image=MASK, strength=1.0)),
     "sd-inpaint-4ch": lambda: (tiny_sd_pipeline(pipeline_class=StableDiffusionInpaintPipeline),
                                dict(image=IMAGE, mask_image=MASK, strength=0.8)),
+    "sd2": lambda: (tiny_sd2_pipeline(), dict(guidance_rescale=0.7)),  # 2.1 768-v: v-prediction, rescaled CFG
     "sdxl-img2img": lambda: (tiny_sdxl_pipeline(pipeline_class=StableDiffusionXLImg2ImgPipeline), dict(image=IMAGE, strength=0.7)),
     "sdxl-inpaint": lambda: (tiny_sdxl_pipeline(pipeline_class=StableDiffusionXLInpaintPipeline),
                              dict(image=IMAGE, mask_image=MASK, strength=0.9)),
@@ -71,6 +72,7 @@ PIPELINE_ROWS = {
     "sd-img2img": "StableDiffusionImg2ImgPipeline",
     "sd-inpaint-9ch": "StableDiffusionInpaintPipeline (9-channel U-Net)",
     "sd-inpaint-4ch": "StableDiffusionInpaintPipeline (4-channel U-Net, mask blend)",
+    "sd2": "StableDiffusionPipeline, SD 2.x (linear projections, head size per level, upcast attention, v-prediction)",
     "sdxl-img2img": "StableDiffusionXLImg2ImgPipeline",
     "sdxl-inpaint": "StableDiffusionXLInpaintPipeline",
     "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline (refiner, aesthetic score)",

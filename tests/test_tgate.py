@@ -37,6 +37,9 @@ PACKAGE_TOLERANCE = 1e-5
 COMPILED_RTOL = 1e-5
 STEPS = 10
 
+# The support table's row (docs/support.md).
+TGATE_ROW = "TGATE gate_step, SD 1.x and SDXL text-to-image (reference: the tgate 1.0.0 package)"
+
 
 def tgate_latents(pipe, interval, branch, gate, steps=STEPS, seed=0, **options):
     """Final latents of the package's ``TgateSDDeepCacheLoader`` / ``TgateSDXLDeepCacheLoader``
@@ -77,6 +80,7 @@ def fastcache_latents(pipe, interval, branch, gate, steps=STEPS, seed=0, call=No
 
 
 # -- against the package ---------------------------------------------------------------------------
+@pytest.mark.covers(TGATE_ROW, "= DeepCache")
 @pytest.mark.parametrize("gate, interval, branch", [(5, 3, 0), (3, 2, 4), (7, 3, 8), (1, 2, 0), (9, 1, 0)])
 def test_sd_matches_the_package(sd_pipe, gate, interval, branch):
     expected = tgate_latents(sd_pipe, interval, branch, gate)
@@ -85,6 +89,7 @@ def test_sd_matches_the_package(sd_pipe, gate, interval, branch):
     assert handle.stats.pipeline_calls == 1
 
 
+@pytest.mark.covers(TGATE_ROW, "= DeepCache")
 @pytest.mark.parametrize("gate, interval, branch", [(5, 3, 0), (4, 2, 5), (6, 3, 8)])
 def test_sdxl_matches_the_package(sdxl_pipe, gate, interval, branch):
     expected = tgate_latents(sdxl_pipe, interval, branch, gate)
@@ -195,6 +200,7 @@ def test_tgate_changes_the_result(any_pipe):
 SA_OPTIONS = dict(sp_interval=2, fi_interval=2, warm_up=1)
 
 
+@pytest.mark.covers(TGATE_ROW, "compiled (dynamo, no graph breaks)")
 def test_compiled_matches_eager(sd_pipe):
     """Dynamo (fullgraph, "eager" backend: no inductor codegen) traces every TGATE function: five
     graphs (plain full and shallow, the full one storing the cross-attention means, full and shallow
@@ -232,6 +238,7 @@ def test_graph_limit_counts_every_graph_of_a_function(sd_pipe, monkeypatch, capl
     assert_close_relative(second, expected, COMPILED_RTOL)
 
 
+@pytest.mark.covers(TGATE_ROW, "emulated CUDA Graphs")
 @pytest.mark.parametrize("pipe_name, tgate", [("sd_pipe", SA_OPTIONS), ("sdxl_pipe", {})])
 def test_emulated_graphs_match_eager(request, pipe_name, tgate):
     """The graph runner's buffers (recorded ops replayed, as a CUDA Graph would): cross- and
