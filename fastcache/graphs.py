@@ -148,7 +148,7 @@ def autocast_without_cache(device_type: str) -> Iterator[None]:
     """Autocast as the caller has it, minus its weight-cast cache. A capture that hits the cache
     records no cast and reads the cached copies, which autocast frees when its region ends: later
     replays would read freed memory (torch's make_graphed_callables refuses the cache for this)."""
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         yield
         return
     with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False):

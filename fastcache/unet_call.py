@@ -186,7 +186,7 @@ class StepInputs:
         key = (str(device),) + tuple(
             (name, tuple(tensor.shape), tensor.dtype) for name, tensor in self.tensors().items()
         )
-        if torch.is_autocast_enabled(device.type):
+        if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
             key += ((AUTOCAST, (), torch.get_autocast_dtype(device.type)),)
         return key
 
