@@ -82,7 +82,9 @@ def run_demo(args: argparse.Namespace) -> list[DemoResult]:
     try:
         plain = generator_of(build(device=device, dtype=dtype))
         methods.append(_Method("plain diffusers", plain, _timed(plain, device)[0], lambda: None))  # lazy init
-        _add_deepcache(methods, build(device=device, dtype=dtype), args, generator_of, device)
+        deepcache = _deepcache_method(build(device=device, dtype=dtype), args, generator_of, device)
+        if deepcache is not None:
+            methods.append(deepcache)
         methods.append(_fastcache_method(build(device=device, dtype=dtype), args, generator_of, None))
         if args.gate_step is not None:
             methods.append(_fastcache_method(build(device=device, dtype=dtype), args, generator_of, args.gate_step))
@@ -103,17 +105,18 @@ def run_demo(args: argparse.Namespace) -> list[DemoResult]:
     ]
 
 
-def _add_deepcache(methods: list[_Method], pipe: Any, args: argparse.Namespace,
-                   generator_of: Callable[[Any], Callable[[], np.ndarray]], device: torch.device) -> None:
+def _deepcache_method(pipe: Any, args: argparse.Namespace, generator_of: Callable[[Any], Callable[[], np.ndarray]],
+                      device: torch.device) -> _Method | None:
+    """DeepCache's helper on `pipe` (setup: its first call), or None where the package is missing."""
     try:
         from DeepCache import DeepCacheSDHelper
     except ImportError:
-        return
+        return None
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=args.interval, cache_branch_id=args.branch)
     helper.enable()
     generate = generator_of(pipe)
-    methods.append(_Method("DeepCache 0.1.1", generate, _timed(generate, device)[0], helper.disable))
+    return _Method("DeepCache 0.1.1", generate, _timed(generate, device)[0], helper.disable)
 
 
 def _fastcache_method(pipe: Any, args: argparse.Namespace, generator_of: Callable[[Any], Callable[[], np.ndarray]],

@@ -78,7 +78,7 @@ from torch import Tensor
 
 from .recording import Recording
 from .runtime import CompiledFunctions, MemoryReport, Runner, Split, not_warmed_error, tensor_bytes
-from .unet_call import StepInputs
+from .unet_call import StepInputs, autocast_dtype
 
 # Runs of each function before capture: the first compiles and autotunes, the second lets lazy
 # initialisation (cuDNN/cuBLAS handles, allocator growth) settle outside the graph.
@@ -148,10 +148,11 @@ def autocast_without_cache(device_type: str) -> Iterator[None]:
     """Autocast as the caller has it, minus its weight-cast cache. A capture that hits the cache
     records no cast and reads the cached copies, which autocast frees when its region ends: later
     replays would read freed memory (torch's make_graphed_callables refuses the cache for this)."""
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
         yield
         return
-    with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False):
+    with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
         yield
 
 

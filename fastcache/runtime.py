@@ -84,20 +84,24 @@ def without_inference_tensors(value: Any) -> Any:
     return value
 
 
+def _key_entries(key: Hashable) -> tuple[str, dict[str, tuple[Any, str]]]:
+    """A shape key's device, and each entry's shape and dtype name ("float32") by entry name."""
+    device, *named = key  # type: ignore[misc]
+    return device, {name: (shape, str(dtype).replace("torch.", "")) for name, shape, dtype in named}
+
+
 def describe_key(key: Hashable) -> str:
     """A short human-readable form of a shape key, for error messages."""
-    device, *named = key  # type: ignore[misc]
-    entries = {name: (shape, dtype) for name, shape, dtype in named}
+    device, entries = _key_entries(key)
     shape, dtype = entries["sample"]
-    text = f"batch {shape[0]}, latents {shape[1]}x{shape[2]}x{shape[3]}, {str(dtype).replace('torch.', '')} on {device}"
+    text = f"batch {shape[0]}, latents {shape[1]}x{shape[2]}x{shape[3]}, {dtype} on {device}"
     if AUTOCAST in entries:
-        text += f" under autocast to {str(entries[AUTOCAST][1]).replace('torch.', '')}"
+        text += f" under autocast to {entries[AUTOCAST][1]}"
     return text
 
 
 def _sample_dtype(key: Hashable) -> str:
-    _, *named = key  # type: ignore[misc]
-    return next(str(dtype).replace("torch.", "") for name, _, dtype in named if name == "sample")
+    return _key_entries(key)[1]["sample"][1]
 
 
 def not_warmed_error(key: Hashable, which: str, warmed: Iterable[Hashable],

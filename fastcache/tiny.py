@@ -9,11 +9,12 @@ tokenizer is a character-level CLIP BPE written from a small vocabulary, so noth
 from __future__ import annotations
 
 import string
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 _CHARACTERS = string.ascii_lowercase + string.digits + ".,!?'-"
+SD2_TEXT_WIDTH = 48  # wider than SD 1.x's 32, as OpenCLIP's 1024 is wider than CLIP's 768
 
 
 def tiny_tokenizer(model_max_length: int = 77) -> Any:
@@ -61,14 +62,15 @@ def _tiny_vae() -> Any:
     )
 
 
-def tiny_sd_unet(sample_size: int = 16, in_channels: int = 4) -> Any:
+def tiny_sd_unet(sample_size: int = 16, in_channels: int = 4, **variant: Any) -> Any:
     """An SD 1.x-shaped U-Net: 3 cross-attention down blocks, a plain deepest block, 12 branches.
 
-    ``in_channels=9`` gives an inpainting U-Net (latents, mask, masked-image latents).
+    ``in_channels=9`` gives an inpainting U-Net (latents, mask, masked-image latents); `variant`
+    overrides other config values (`tiny_sd2_unet`).
     """
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
+    config = dict(
         sample_size=sample_size,
         in_channels=in_channels,
         out_channels=4,
@@ -80,28 +82,15 @@ def tiny_sd_unet(sample_size: int = 16, in_channels: int = 4) -> Any:
         attention_head_dim=4,
         norm_num_groups=8,
     )
+    return UNet2DConditionModel(**{**config, **variant})
 
 
 def tiny_sd2_unet(sample_size: int = 16) -> Any:
     """An SD 2.x-shaped U-Net: SD 1.x's blocks with linear projections in and out of the
     transformers, a head size per level, upcast attention (2.1's 768-v) and a wider text width
     (OpenCLIP's)."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=48,
-        attention_head_dim=(2, 4, 8, 8),
-        use_linear_projection=True,
-        upcast_attention=True,
-        norm_num_groups=8,
-    )
+    return tiny_sd_unet(sample_size, cross_attention_dim=SD2_TEXT_WIDTH, attention_head_dim=(2, 4, 8, 8),
+                        use_linear_projection=True, upcast_attention=True)
 
 
 def tiny_sdxl_unet(sample_size: int = 16, refiner: bool = False) -> Any:
@@ -147,43 +136,33 @@ def tiny_sd_pipeline(
 
     `pipeline_class` builds another SD pipeline from the same components (img2img, inpaint...).
     """
+    return _sd_pipeline(seed, device, dtype, pipeline_class, lambda: tiny_sd_unet(in_channels=in_channels))
+
+
+def tiny_sd2_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """A StableDiffusionPipeline shaped like SD 2.1 (768-v): `tiny_sd2_unet`, a 48-wide text
+    encoder, and a v-prediction DDIM scheduler (default image 128x128)."""
+    return _sd_pipeline(seed, device, dtype, None, tiny_sd2_unet, text_width=SD2_TEXT_WIDTH,
+                        prediction_type="v_prediction")
+
+
+def _sd_pipeline(seed: int, device: str | torch.device, dtype: torch.dtype, pipeline_class: Any,
+                 make_unet: Callable[[], Any], text_width: int = 32, **scheduler: Any) -> Any:
+    """An SD 1.x/2.x pipeline around `make_unet()`, its weights drawn after ``manual_seed(seed)``
+    in a fixed order (U-Net, VAE, text encoder); `scheduler`: DDIM settings beside the defaults."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     pipe = (pipeline_class or StableDiffusionPipeline)(
-        unet=tiny_sd_unet(in_channels=in_channels),
+        unet=make_unet(),
         vae=_tiny_vae(),
-        text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer), hidden_size=text_width, projection_dim=text_width)),
         tokenizer=tokenizer,
         scheduler=DDIMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-            set_alpha_to_one=False, steps_offset=1,
-        ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return _finish(pipe, device, dtype)
-
-
-def tiny_sd2_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """A StableDiffusionPipeline shaped like SD 2.1 (768-v): `tiny_sd2_unet`, a 48-wide text
-    encoder, and a v-prediction DDIM scheduler (default image 128x128)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
-    pipe = StableDiffusionPipeline(
-        unet=tiny_sd2_unet(),
-        vae=_tiny_vae(),
-        text_encoder=CLIPTextModel(_text_config(len(tokenizer), hidden_size=48, projection_dim=48)),
-        tokenizer=tokenizer,
-        scheduler=DDIMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-            set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
+            set_alpha_to_one=False, steps_offset=1, **scheduler,
         ),
         safety_checker=None,
         feature_extractor=None,

@@ -186,8 +186,9 @@ class StepInputs:
         key = (str(device),) + tuple(
             (name, tuple(tensor.shape), tensor.dtype) for name, tensor in self.tensors().items()
         )
-        if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
-            key += ((AUTOCAST, (), torch.get_autocast_dtype(device.type)),)
+        autocast = autocast_dtype(device.type)
+        if autocast is not None:
+            key += ((AUTOCAST, (), autocast),)
         return key
 
     def args(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
@@ -195,6 +196,13 @@ class StepInputs:
 
 
 AUTOCAST = "autocast"  # the key entry of autocast's dtype, beside the inputs' (name, shape, dtype)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on `device_type`, or None where it is off (or has no autocast)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def check_call(
