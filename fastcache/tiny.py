@@ -85,6 +85,15 @@ def tiny_sd_unet(sample_size: int = 16, in_channels: int = 4, **variant: Any) ->
     return UNet2DConditionModel(**{**config, **variant})
 
 
+def two_level_sd_unet(sample_size: int = 16) -> Any:
+    """SD 1.x's block types at two levels of one layer each (4 branches): a third of the tiny
+    U-Net's modules, so a third of its dynamo trace and inductor compile. For tests of runtime
+    mechanics (strict serving, recompile counts, compile caches) that need no deep U-Net."""
+    return tiny_sd_unet(sample_size, block_out_channels=(16, 32), layers_per_block=1,
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
 def tiny_sd2_unet(sample_size: int = 16) -> Any:
     """An SD 2.x-shaped U-Net: SD 1.x's blocks with linear projections in and out of the
     transformers, a head size per level, upcast attention (2.1's 768-v) and a wider text width
@@ -137,6 +146,11 @@ def tiny_sd_pipeline(
     `pipeline_class` builds another SD pipeline from the same components (img2img, inpaint...).
     """
     return _sd_pipeline(seed, device, dtype, pipeline_class, lambda: tiny_sd_unet(in_channels=in_channels))
+
+
+def two_level_sd_pipeline(seed: int = 0) -> Any:
+    """`tiny_sd_pipeline` around `two_level_sd_unet` (default image 128x128)."""
+    return _sd_pipeline(seed, "cpu", torch.float32, None, two_level_sd_unet)
 
 
 def tiny_sd2_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:

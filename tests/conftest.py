@@ -13,14 +13,18 @@ import torch
 # Two cores in CI, shared by pytest-xdist's workers (README runs -n 2): keep torch from
 # oversubscribing them.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
+_THREADS = max(1, min(2, os.cpu_count() or 1) // _WORKERS)
+torch.set_num_threads(_THREADS)
+# ...nor the processes the tests start (bench runs, the compile-cache worker): beside one busy
+# thread (the other worker), the gpu_check dry run took 213 s with torch's 2 threads, 59 s with 1.
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 # Seconds per test on 2 cores under README's command (python -m pytest -q -n 2 --record-durations).
 DURATIONS = Path(__file__).with_name("durations.json")
 SLOW_SECONDS = 1.5
 
-from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline, two_level_sd_pipeline  # noqa: E402
 
 from .helpers import assert_untouched  # noqa: E402
 
@@ -90,6 +94,12 @@ def sdxl_pipe():
     return tiny_sdxl_pipeline()
 
 
+@pytest.fixture(scope="session")
+def two_level_pipe():
+    """SD 1.x at two U-Net levels: for runtime mechanics, at half the tiny pipeline's compile time."""
+    return two_level_sd_pipeline()
+
+
 @pytest.fixture(params=[pytest.param("sd", marks=pytest.mark.covers("StableDiffusionPipeline")),
                         pytest.param("sdxl", marks=pytest.mark.covers("StableDiffusionXLPipeline"))])
 def any_pipe(request, sd_pipe, sdxl_pipe):
@@ -101,6 +111,6 @@ def any_pipe(request, sd_pipe, sdxl_pipe):
 def _pipelines_left_clean(request):
     """Every test must leave the shared pipelines exactly as built (a leak would taint the rest)."""
     yield
-    for name in ("sd_pipe", "sdxl_pipe"):
+    for name in ("sd_pipe", "sdxl_pipe", "two_level_pipe"):
         if name in request.fixturenames:
             assert_untouched(request.getfixturevalue(name))

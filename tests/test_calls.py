@@ -129,16 +129,16 @@ def test_warmup_follows_the_serving_call_arguments(sd_pipe):
         assert handle.stats.last_call == [True, True, True]
 
 
-def test_warmup_of_several_shapes_prepares_them_largest_first_in_one_report(sd_pipe):
+def test_warmup_of_several_shapes_prepares_them_largest_first_in_one_report(two_level_pipe):
     """warmup(shapes=...) captures the largest shape first (its pool serves the smaller ones) and
     reports every shape it prepared; strict serving then compiles nothing at any of them, and
     each call gives the images of a call accelerated afresh at that shape."""
     shapes = [(64, 64, 1), (128, 128, 2), (64, 96, 1)]
     expected = {}
     for height, width, batch in shapes:
-        with accelerated(sd_pipe, cache_interval=3, compile=False):
-            expected[height, width] = latents(sd_pipe, height=height, width=width, num_images_per_prompt=batch)
-    with accelerated(sd_pipe, cache_interval=3, compile_backend="eager", emulate_graphs=True, strict=True) as handle:
+        with accelerated(two_level_pipe, cache_interval=3, compile=False):
+            expected[height, width] = latents(two_level_pipe, height=height, width=width, num_images_per_prompt=batch)
+    with accelerated(two_level_pipe, cache_interval=3, compile_backend="eager", emulate_graphs=True, strict=True) as handle:
         report = handle.warmup(shapes=shapes)
         assert report.new_shapes and sorted(report.new_shapes) == sorted([
             "batch 2, latents 4x8x8, float32 on cpu", "batch 4, latents 4x16x16, float32 on cpu",
@@ -148,7 +148,7 @@ def test_warmup_of_several_shapes_prepares_them_largest_first_in_one_report(sd_p
         assert [dict((n, s) for n, s, _ in key[1:])["sample"] for key in captured] == [
             (4, 4, 16, 16), (2, 4, 8, 12), (2, 4, 8, 8)]
         for height, width, batch in shapes:
-            actual = latents(sd_pipe, height=height, width=width, num_images_per_prompt=batch)
+            actual = latents(two_level_pipe, height=height, width=width, num_images_per_prompt=batch)
             assert max_diff(actual, expected[height, width]) <= 1e-5
         assert handle.compilations == 6
         with pytest.raises(InvalidConfigError, match="not both"):

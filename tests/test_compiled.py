@@ -19,7 +19,7 @@ import torch._dynamo
 import fastcache
 from fastcache.errors import ShapeNotWarmedError
 from fastcache.runtime import RECOMPILE_LIMIT
-from fastcache.tiny import tiny_sd_pipeline
+from fastcache.tiny import two_level_sd_pipeline
 from fastcache.unet_split import UNetSplit, unet_layout
 
 from .helpers import accelerated, assert_close_relative, deepcache_latents, latents, max_diff
@@ -64,50 +64,50 @@ def test_no_compilation_after_warmup(sd_pipe):
         assert handle.stats.cached_steps > 0
 
 
-def test_a_new_shape_compiles_once_and_is_counted(sd_pipe):
+def test_a_new_shape_compiles_once_and_is_counted(two_level_pipe):
     """The counters of the previous test can see a compilation (backend "eager": dynamo only).
 
     Dynamo keeps its graphs on the code of the split's functions, shared by every handle of an
     equal U-Net in the process, so a shape another test already traced would be reused and not
     counted: 48x112 is used by this test only.
     """
-    with accelerated(sd_pipe, cache_interval=3, compile_backend="eager") as handle:
+    with accelerated(two_level_pipe, cache_interval=3, compile_backend="eager") as handle:
         handle.warmup(height=128, width=128)
         graphs, compilations = _dynamo_graph_count(), handle.compilations
-        latents(sd_pipe, height=48, width=112)
+        latents(two_level_pipe, height=48, width=112)
         assert (_dynamo_graph_count(), handle.compilations) == (graphs + 2, compilations + 2)
-        latents(sd_pipe, height=48, width=112, seed=1)
+        latents(two_level_pipe, height=48, width=112, seed=1)
         assert (_dynamo_graph_count(), handle.compilations) == (graphs + 2, compilations + 2)
 
 
-def test_another_handle_in_the_process_leaves_a_handles_graphs_valid(sd_pipe):
+def test_another_handle_in_the_process_leaves_a_handles_graphs_valid(two_level_pipe):
     """Diffusers slices ModuleLists inside forward (``self.resnets[1:]``), which runs torch's global
     module registration hooks, so dynamo guards on those hooks and on what they read. Another
     handle's ModelWatch being added or closed must not touch either: else accelerating a second
     pipeline (a refiner, a second model) or disabling it makes every graph of the first stale,
     a recompile on the hot path, and ShapeNotWarmedError in strict serving (as here)."""
-    other = tiny_sd_pipeline()
-    with accelerated(sd_pipe, cache_interval=3, compile_backend="eager", strict=True) as first:
+    other = two_level_sd_pipeline()
+    with accelerated(two_level_pipe, cache_interval=3, compile_backend="eager", strict=True) as first:
         first.warmup(height=96, width=96)
-        before = latents(sd_pipe, seed=5, height=96, width=96)
+        before = latents(two_level_pipe, seed=5, height=96, width=96)
         graphs = _dynamo_graph_count()
         with accelerated(other, cache_interval=3, compile_backend="eager", strict=True) as second:
             second.warmup(height=80, width=80)  # a shape of its own: 2 new graphs
             assert _dynamo_graph_count() == graphs + 2
-            assert torch.equal(latents(sd_pipe, seed=5, height=96, width=96), before)
+            assert torch.equal(latents(two_level_pipe, seed=5, height=96, width=96), before)
             latents(other, seed=5, height=80, width=80)
-        assert torch.equal(latents(sd_pipe, seed=5, height=96, width=96), before)
+        assert torch.equal(latents(two_level_pipe, seed=5, height=96, width=96), before)
         assert _dynamo_graph_count() == graphs + 2 and first.compilations == 2
 
 
-def test_strict_serving_refuses_unwarmed_shapes(sd_pipe):
-    with accelerated(sd_pipe, cache_interval=3, compile_backend="eager", strict=True) as handle:
+def test_strict_serving_refuses_unwarmed_shapes(two_level_pipe):
+    with accelerated(two_level_pipe, cache_interval=3, compile_backend="eager", strict=True) as handle:
         with pytest.raises(ShapeNotWarmedError, match="no graph was warmed up"):
-            latents(sd_pipe, steps=2)
+            latents(two_level_pipe, steps=2)
         handle.warmup(height=128, width=128)
-        latents(sd_pipe, steps=4)
+        latents(two_level_pipe, steps=4)
         with pytest.raises(ShapeNotWarmedError, match=r"batch 2, latents 4x8x8(.|\n)*warmed shapes: batch 2, latents 4x16x16"):
-            latents(sd_pipe, height=64, width=64, steps=2)
+            latents(two_level_pipe, height=64, width=64, steps=2)
         assert handle.enabled
 
 
@@ -153,7 +153,7 @@ def test_deepcache_compat_helper_compiled(sd_pipe):
     assert_close_relative(actual, expected, COMPILED_RTOL)
 
 
-def test_past_the_recompile_limit_a_shape_runs_eager_with_a_warning_never_silently(sd_pipe, monkeypatch, caplog):
+def test_past_the_recompile_limit_a_shape_runs_eager_with_a_warning_never_silently(two_level_pipe, monkeypatch, caplog):
     """Past the limit a U-Net never silently falls back to eager: the new shape runs on the eager
     split with a warning and is listed in eager_shapes, and the handle keeps serving (issue 13
     item 3; it raised CompileError and disabled the handle before). tests/test_reliability.py
@@ -161,9 +161,9 @@ def test_past_the_recompile_limit_a_shape_runs_eager_with_a_warning_never_silent
     from fastcache import runtime
 
     monkeypatch.setattr(runtime, "RECOMPILE_LIMIT", 1)
-    with accelerated(sd_pipe, cache_interval=3, compile_backend="eager") as handle:
-        latents(sd_pipe, steps=2, height=64, width=64)
+    with accelerated(two_level_pipe, cache_interval=3, compile_backend="eager") as handle:
+        latents(two_level_pipe, steps=2, height=64, width=64)
         with caplog.at_level("WARNING", logger="fastcache"):
-            latents(sd_pipe, steps=2, height=96, width=96)
+            latents(two_level_pipe, steps=2, height=96, width=96)
         assert "RECOMPILE_LIMIT" in caplog.text and "runs on the eager split" in caplog.text
         assert handle.enabled and handle.eager_shapes == ("batch 2, latents 4x12x12, float32 on cpu",)

@@ -154,7 +154,7 @@ def test_bad_compile_settings_raise_before_touching_the_pipeline(sd_pipe, option
     assert_untouched(sd_pipe)
 
 
-def test_compile_options_reach_the_backend(sd_pipe):
+def test_compile_options_reach_the_backend(two_level_pipe):
     """Inductor options are handed to torch.compile (a recording backend sees them) and the result
     still equals DeepCache."""
     from torch._dynamo import register_backend
@@ -166,10 +166,10 @@ def test_compile_options_reach_the_backend(sd_pipe):
         seen.append(kwargs)
         return graph.forward
 
-    expected = deepcache_latents(sd_pipe, 2, 0, steps=4)
-    with accelerated(sd_pipe, cache_interval=2, compile_backend="fastcache_test_recording_backend",
+    expected = deepcache_latents(two_level_pipe, 2, 0, steps=4)
+    with accelerated(two_level_pipe, cache_interval=2, compile_backend="fastcache_test_recording_backend",
                      compile_options={"conv_1x1_as_mm": True}):
-        assert max_diff(latents(sd_pipe, steps=4), expected) <= 1e-5
+        assert max_diff(latents(two_level_pipe, steps=4), expected) <= 1e-5
     assert seen and all(kwargs.get("options") == {"conv_1x1_as_mm": True} for kwargs in seen)
 
 

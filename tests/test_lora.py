@@ -4,7 +4,8 @@ Reference: a twin pipeline (the same tiny weights; the same LoRA calls in the sa
 the DeepCache 0.1.1 helper, or nothing when caching is off. Each scenario walks through loading,
 rescaling, a second adapter, fusing, unfusing, disabling and unloading, and checks every state:
 a stale compiled constant, a stale captured graph or stale kept features would differ by the
-LoRA's effect (0.05-0.5 on these latents), far above the bound.
+LoRA's effect (0.05-0.5 on the tiny pipeline's latents, 1-2 on the two-level one's, which the
+compiled and caching-off scenarios use to halve their compile time), far above the bound.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from fastcache.lora import lora_layers
-from fastcache.tiny import tiny_sd_pipeline
+from fastcache.tiny import tiny_sd_pipeline, two_level_sd_pipeline
 
 from .helpers import accelerated, deepcache_latents, latents, max_diff
 
@@ -37,17 +38,25 @@ def lora_state_dict(unet: Any, seed: int, rank: int = 4) -> dict[str, torch.Tens
     return {f"unet.{name}": 0.5 * value for name, value in get_peft_model_state_dict(donor, adapter_name="donor").items()}
 
 
-LORA_A = lora_state_dict(tiny_sd_pipeline().unet, seed=1)
-LORA_B = lora_state_dict(tiny_sd_pipeline().unet, seed=2)
+_LORAS: dict[tuple[tuple[int, ...], int], dict[str, torch.Tensor]] = {}
+
+
+def _lora(pipe: Any, seed: int) -> dict[str, torch.Tensor]:
+    """A random LoRA for `pipe`'s U-Net, made once per U-Net shape and seed."""
+    key = (tuple(pipe.unet.config.block_out_channels), seed)
+    if key not in _LORAS:
+        _LORAS[key] = lora_state_dict(pipe.unet, seed)
+    return _LORAS[key]
+
 
 # (what the user does between calls, call kwargs, whether the graphs must be prepared again)
 Step = tuple[str, Callable[[Any], None], dict[str, Any], bool]
 SCENARIO: list[Step] = [
     ("no LoRA (first call)", lambda pipe: None, {}, True),
-    ("load_lora_weights a", lambda pipe: pipe.load_lora_weights(LORA_A, adapter_name="a"), {}, True),
+    ("load_lora_weights a", lambda pipe: pipe.load_lora_weights(_lora(pipe, 1), adapter_name="a"), {}, True),
     ("set_adapters a=0.5", lambda pipe: pipe.set_adapters(["a"], [0.5]), {}, False),
     ("call scale 0.3", lambda pipe: None, {"cross_attention_kwargs": {"scale": 0.3}}, False),
-    ("load b, a=0.5 b=0.8", lambda pipe: (pipe.load_lora_weights(LORA_B, adapter_name="b"),
+    ("load b, a=0.5 b=0.8", lambda pipe: (pipe.load_lora_weights(_lora(pipe, 2), adapter_name="b"),
                                            pipe.set_adapters(["a", "b"], [0.5, 0.8])), {}, True),
     ("set_adapters a=1.2 b=-0.4", lambda pipe: pipe.set_adapters(["a", "b"], [1.2, -0.4]), {}, False),
     ("fuse_lora", lambda pipe: pipe.fuse_lora(), {}, True),
@@ -60,8 +69,8 @@ SCENARIO: list[Step] = [
 ]
 
 
-def _twins() -> tuple[Any, Any]:
-    return tiny_sd_pipeline(), tiny_sd_pipeline()
+def _twins(build: Callable[[], Any] = tiny_sd_pipeline) -> tuple[Any, Any]:
+    return build(), build()
 
 
 def _graph_count() -> int:
@@ -89,7 +98,7 @@ def test_lora_changes_after_accelerate_match_deepcache():
 
 @pytest.mark.covers(LORA, "caching off = plain")
 def test_lora_caching_off_equals_plain_pipeline():
-    reference, pipe = _twins()
+    reference, pipe = _twins(two_level_sd_pipeline)
     with accelerated(pipe, cache_interval=1, compile=False, emulate_graphs=True):
         for name, change, call, _ in SCENARIO:
             change(reference)
@@ -101,7 +110,7 @@ def test_lora_caching_off_equals_plain_pipeline():
 def test_lora_scale_changes_do_not_recompile():
     """Compiled (dynamo + AOTAutograd): scale changes reuse the graphs; the other changes prepare
     them again automatically, and each state still matches DeepCache."""
-    reference, pipe = _twins()
+    reference, pipe = _twins(two_level_sd_pipeline)
     with accelerated(pipe, cache_interval=3, compile_backend="aot_eager") as handle:
         for name, change, call, must_prepare in SCENARIO[:6]:  # fuse/unfuse: the test above
             change(reference)
@@ -209,7 +218,7 @@ def test_lora_scales_that_are_tensors_are_copied_not_read():
 
     reference, pipe = _twins()
     for twin in (reference, pipe):
-        twin.load_lora_weights(LORA_A, adapter_name="a")
+        twin.load_lora_weights(_lora(twin, 1), adapter_name="a")
         twin.set_adapters(["a"], [0.5])
     tensors = scales_as_tensors(pipe.unet)
     cases: list[tuple[str, Callable[[], Any], dict[str, Any], dict[str, Any]]] = [

@@ -4,7 +4,8 @@ Each test forces the situation the issue describes (thread interleavings through
 backend or capture, a small recompile limit, a replaced U-Net, diffusers hooks) and checks the
 result against a reference: DeepCache's helper, the eager split, the plain pipeline or the same
 handle's output before the event, with the stated tolerance. Dynamo runs use the "eager" backend
-(tracing only; no inductor compile on two CPU cores).
+(tracing only; no inductor compile on two CPU cores) on the two-level SD pipeline (a third of the
+tiny U-Net's trace): what is tested here is the runtime, not the U-Net's depth.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fastcache.errors import (
     UnsupportedPipelineError,
 )
 from fastcache.schedule import make_schedule
-from fastcache.tiny import tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_unet
+from fastcache.tiny import tiny_sd_pipeline, tiny_sdxl_unet, two_level_sd_unet
 
 from .helpers import Worker, accelerated, assert_close_relative, assert_untouched, deepcache_latents, latents, max_diff
 
@@ -46,8 +47,8 @@ RUNTIMES = {
 
 
 @pytest.fixture(scope="module")
-def deepcache_4_steps(sd_pipe):
-    return deepcache_latents(sd_pipe, 3, 0, steps=4)
+def deepcache_4_steps(two_level_pipe):
+    return deepcache_latents(two_level_pipe, 3, 0, steps=4)
 
 
 # -- item 1: strict mode leaves torch's process-wide compiler state alone ---------------------------
@@ -72,7 +73,7 @@ def _hold_first_call(handle, which, hold):
     functions[which] = wrapper
 
 
-def test_strict_serving_leaves_another_threads_compiled_function_alone(sd_pipe, deepcache_4_steps):
+def test_strict_serving_leaves_another_threads_compiled_function_alone(two_level_pipe, deepcache_4_steps):
     """While a strict handle runs a warmed graph, an unrelated torch.compile function in another
     thread compiles and recompiles. Before the fix the strict handle had set the process-wide
     stance "fail_on_recompile", so the other thread's compile raised."""
@@ -82,7 +83,7 @@ def test_strict_serving_leaves_another_threads_compiled_function_alone(sd_pipe, 
 
     compiled = torch.compile(unrelated, backend="eager", fullgraph=True, dynamic=False)
     try:
-        with accelerated(sd_pipe, cache_interval=3, compile_backend="eager", strict=True) as handle:
+        with accelerated(two_level_pipe, cache_interval=3, compile_backend="eager", strict=True) as handle:
             handle.warmup(height=128, width=128)
             inside, other_done = threading.Event(), threading.Event()
 
@@ -99,7 +100,7 @@ def test_strict_serving_leaves_another_threads_compiled_function_alone(sd_pipe, 
 
             _hold_first_call(handle, "full", hold)
             other = Worker(other_thread)
-            actual = latents(sd_pipe, steps=4)
+            actual = latents(two_level_pipe, steps=4)
             first, second = other.outcome()
         assert torch.equal(first, torch.ones(2)) and torch.equal(second, torch.ones(3))
         assert_close_relative(actual, deepcache_4_steps, DEEPCACHE_RTOL)
@@ -108,11 +109,11 @@ def test_strict_serving_leaves_another_threads_compiled_function_alone(sd_pipe, 
         torch.compiler.set_stance("default")  # the old code could leave it stuck: keep later tests clean
 
 
-def test_two_strict_handles_in_two_threads_leave_torch_as_they_found_it(sd_pipe, sdxl_pipe):
+def test_two_strict_handles_in_two_threads_leave_torch_as_they_found_it(two_level_pipe, sdxl_pipe):
     """Handle A enters its strict call, then B; A's whole pipeline call ends, then B's. Before the
     fix B restored the stance A had set ("fail_on_recompile"), so it stayed set for good, and a
     new unrelated compiled function raised on its first call."""
-    pipes = (sd_pipe, sdxl_pipe)
+    pipes = (two_level_pipe, sdxl_pipe)
     handles = [fastcache.accelerate(pipe, cache_interval=3, compile_backend="eager", strict=True) for pipe in pipes]
     try:
         for handle in handles:
@@ -131,7 +132,7 @@ def test_two_strict_handles_in_two_threads_leave_torch_as_they_found_it(sd_pipe,
 
         def run_a():
             try:
-                return latents(sd_pipe, steps=4)
+                return latents(two_level_pipe, steps=4)
             finally:
                 a_done.set()
 
@@ -168,17 +169,17 @@ BAD_CALLS = {
 
 @pytest.mark.parametrize("bad", sorted(BAD_CALLS))
 @pytest.mark.parametrize("runtime_name", sorted(RUNTIMES))
-def test_bad_inputs_raise_an_input_error_and_the_handle_keeps_serving(sd_pipe, deepcache_4_steps, runtime_name, bad):
+def test_bad_inputs_raise_an_input_error_and_the_handle_keeps_serving(two_level_pipe, deepcache_4_steps, runtime_name, bad):
     """Before the fix, compiled and graph runtimes took these for compile failures: CompileError,
     and the handle disabled itself for good."""
     call, message = BAD_CALLS[bad]
-    with accelerated(sd_pipe, cache_interval=3, **RUNTIMES[runtime_name]) as handle:
-        served = latents(sd_pipe, steps=4)
+    with accelerated(two_level_pipe, cache_interval=3, **RUNTIMES[runtime_name]) as handle:
+        served = latents(two_level_pipe, steps=4)
         compilations = handle.compilations
         with pytest.raises(InvalidInputError, match=message):
-            latents(sd_pipe, steps=4, **call)
+            latents(two_level_pipe, steps=4, **call)
         assert handle.enabled and handle.runtime == runtime_name
-        assert torch.equal(latents(sd_pipe, steps=4), served)
+        assert torch.equal(latents(two_level_pipe, steps=4), served)
         assert handle.compilations == compilations
     assert_close_relative(served, deepcache_4_steps, DEEPCACHE_RTOL)
 
@@ -195,26 +196,26 @@ def _backend_failing_on_8x8_latents(graph, example_inputs):
     return graph.forward
 
 
-def test_a_compile_failure_at_a_new_shape_refuses_that_shape_only(sd_pipe, deepcache_4_steps):
+def test_a_compile_failure_at_a_new_shape_refuses_that_shape_only(two_level_pipe, deepcache_4_steps):
     """Before the fix the handle disabled itself: every later call ran plain diffusers."""
     from torch._dynamo import register_backend
 
     register_backend(_backend_failing_on_8x8_latents, name="fastcache_test_fails_on_8x8")
-    with accelerated(sd_pipe, cache_interval=3, compile_backend="fastcache_test_fails_on_8x8") as handle:
-        served = latents(sd_pipe, steps=4)
+    with accelerated(two_level_pipe, cache_interval=3, compile_backend="fastcache_test_fails_on_8x8") as handle:
+        served = latents(two_level_pipe, steps=4)
         compilations = handle.compilations
         with pytest.raises(CompileError, match=r"simulated compiler crash at 8x8(.|\n)*Only this shape is refused"):
-            latents(sd_pipe, steps=4, height=64, width=64)
+            latents(two_level_pipe, steps=4, height=64, width=64)
         assert handle.enabled
         tried = len(_backend_calls)
         with pytest.raises(CompileError, match="earlier"):
-            latents(sd_pipe, steps=4, height=64, width=64)
+            latents(two_level_pipe, steps=4, height=64, width=64)
         assert len(_backend_calls) == tried, "a shape that failed must not be compiled again at every call"
-        assert torch.equal(latents(sd_pipe, steps=4), served) and handle.compilations == compilations
+        assert torch.equal(latents(two_level_pipe, steps=4), served) and handle.compilations == compilations
     assert_close_relative(served, deepcache_4_steps, DEEPCACHE_RTOL)
 
 
-def test_a_one_off_capture_failure_keeps_the_captured_shapes_and_warmup_retries(sd_pipe, deepcache_4_steps,
+def test_a_one_off_capture_failure_keeps_the_captured_shapes_and_warmup_retries(two_level_pipe, deepcache_4_steps,
                                                                                monkeypatch):
     from fastcache import graphs
 
@@ -226,39 +227,39 @@ def test_a_one_off_capture_failure_keeps_the_captured_shapes_and_warmup_retries(
         capture(self, function, pool, emulate)
 
     monkeypatch.setattr(graphs.CapturedFunction, "__init__", flaky_capture)
-    expected_64 = deepcache_latents(sd_pipe, 3, 0, steps=4, height=64, width=64)
-    with accelerated(sd_pipe, cache_interval=3, compile=False, emulate_graphs=True) as handle:
-        served = latents(sd_pipe, steps=4)
+    expected_64 = deepcache_latents(two_level_pipe, 3, 0, steps=4, height=64, width=64)
+    with accelerated(two_level_pipe, cache_interval=3, compile=False, emulate_graphs=True) as handle:
+        served = latents(two_level_pipe, steps=4)
         captures = handle._runner.captures
         failing.append(True)
         with pytest.raises(CompileError, match="simulated capture failure(.|\n)*Only this shape is refused"):
-            latents(sd_pipe, steps=4, height=64, width=64)
+            latents(two_level_pipe, steps=4, height=64, width=64)
         assert handle.enabled and handle._runner.captures == captures
-        assert torch.equal(latents(sd_pipe, steps=4), served)
+        assert torch.equal(latents(two_level_pipe, steps=4), served)
         failing.clear()  # the failure was a one-off: warmup() at that shape tries again
         handle.warmup(height=64, width=64)
-        actual_64 = latents(sd_pipe, steps=4, height=64, width=64)
+        actual_64 = latents(two_level_pipe, steps=4, height=64, width=64)
     assert_close_relative(served, deepcache_4_steps, DEEPCACHE_RTOL)
     assert_close_relative(actual_64, expected_64, DEEPCACHE_RTOL)
 
 
 # -- item 3: the recompile limit -------------------------------------------------------------------
-def test_shapes_past_the_recompile_limit_run_on_the_eager_split(sd_pipe, monkeypatch, caplog):
+def test_shapes_past_the_recompile_limit_run_on_the_eager_split(two_level_pipe, monkeypatch, caplog):
     """Before the fix the shape past the limit raised CompileError and the handle disabled itself."""
     monkeypatch.setattr(runtime, "RECOMPILE_LIMIT", 2)
     sizes = (64, 96, 128)
-    with accelerated(sd_pipe, cache_interval=3, compile=False):
-        eager = {size: latents(sd_pipe, steps=4, height=size, width=size) for size in sizes}
-    with accelerated(sd_pipe, cache_interval=3, compile_backend="eager") as handle:
-        served = {size: latents(sd_pipe, steps=4, height=size, width=size) for size in sizes[:2]}
+    with accelerated(two_level_pipe, cache_interval=3, compile=False):
+        eager = {size: latents(two_level_pipe, steps=4, height=size, width=size) for size in sizes}
+    with accelerated(two_level_pipe, cache_interval=3, compile_backend="eager") as handle:
+        served = {size: latents(two_level_pipe, steps=4, height=size, width=size) for size in sizes[:2]}
         compilations = handle.compilations
         with caplog.at_level(logging.WARNING, logger="fastcache"):
-            past = [latents(sd_pipe, steps=4, height=128, width=128) for _ in range(2)]
+            past = [latents(two_level_pipe, steps=4, height=128, width=128) for _ in range(2)]
         assert caplog.text.count("runs on the eager split") == 1
         assert handle.eager_shapes == ("batch 2, latents 4x16x16, float32 on cpu",)
         assert handle.compilations == compilations
         for size in sizes[:2]:  # the warmed shapes keep their graphs
-            assert torch.equal(latents(sd_pipe, steps=4, height=size, width=size), served[size])
+            assert torch.equal(latents(two_level_pipe, steps=4, height=size, width=size), served[size])
         with pytest.raises(ShapeLimitError, match=r"RECOMPILE_LIMIT(.|\n)*prepared shapes keep their graphs"):
             handle.warmup(height=80, width=80)
         with pytest.raises(ShapeLimitError, match="runs on the eager split"):
@@ -284,10 +285,10 @@ def test_shapes_past_the_recompile_limit_run_on_the_eager_split(sd_pipe, monkeyp
         (dict(compile_backend="nonexistent"), r"unknown compile_backend 'nonexistent'(.|\n)*inductor"),
     ],
 )
-def test_bad_arguments_raise_invalid_config_before_touching_the_pipeline(sd_pipe, options, message):
+def test_bad_arguments_raise_invalid_config_before_touching_the_pipeline(two_level_pipe, options, message):
     with pytest.raises(InvalidConfigError, match=message):
-        fastcache.accelerate(sd_pipe, **options)
-    assert_untouched(sd_pipe)
+        fastcache.accelerate(two_level_pipe, **options)
+    assert_untouched(two_level_pipe)
 
 
 def test_an_infinite_power_is_refused_instead_of_hanging():
@@ -295,29 +296,29 @@ def test_an_infinite_power_is_refused_instead_of_hanging():
         make_schedule("quadratic", 3, 15, math.inf).is_refresh(1, 20)
 
 
-def test_explicit_refresh_steps_past_the_call_are_warned_about(sd_pipe, caplog):
-    with accelerated(sd_pipe, schedule=[1000], compile=False) as handle:
+def test_explicit_refresh_steps_past_the_call_are_warned_about(two_level_pipe, caplog):
+    with accelerated(two_level_pipe, schedule=[1000], compile=False) as handle:
         with caplog.at_level(logging.WARNING, logger="fastcache"):
             for _ in range(2):
-                latents(sd_pipe, steps=4)
+                latents(two_level_pipe, steps=4)
         assert caplog.text.count("refresh step(s) [1000] are past the 4 steps of this call") == 1
         assert handle.stats.last_call == [True, False, False, False]
     caplog.clear()
-    with accelerated(sd_pipe, schedule=[2], compile=False) as handle:
+    with accelerated(two_level_pipe, schedule=[2], compile=False) as handle:
         with caplog.at_level(logging.WARNING, logger="fastcache"):
-            latents(sd_pipe, steps=4)
+            latents(two_level_pipe, steps=4)
         assert "past the" not in caplog.text and handle.stats.last_call == [True, False, True, False]
 
 
 # -- item 5: a direct U-Net call from another thread during a pipeline call ----------------------------
 @pytest.mark.parametrize("runtime_name", ["eager", "emulated-graphs"])
-def test_a_direct_unet_call_from_another_thread_waits_for_the_pipeline_call(sd_pipe, runtime_name):
+def test_a_direct_unet_call_from_another_thread_waits_for_the_pipeline_call(two_level_pipe, runtime_name):
     """The pipeline call stops in a step callback until the other thread is calling ``pipe.unet``;
     before the fix that call ran in the middle, sharing the step counter and kept features."""
     generator = torch.Generator().manual_seed(3)
     args = (torch.randn(2, 4, 16, 16, generator=generator), 500, torch.randn(2, 77, 32, generator=generator))
-    with accelerated(sd_pipe, cache_interval=3, **RUNTIMES[runtime_name]):
-        expected = latents(sd_pipe, seed=1, steps=6)
+    with accelerated(two_level_pipe, cache_interval=3, **RUNTIMES[runtime_name]):
+        expected = latents(two_level_pipe, seed=1, steps=6)
         in_step, calling, overlapped = threading.Event(), threading.Event(), []
 
         def hold(pipe, step, timestep, tensors):
@@ -331,13 +332,13 @@ def test_a_direct_unet_call_from_another_thread_waits_for_the_pipeline_call(sd_p
         def direct_call():
             assert in_step.wait(timeout=120)
             calling.set()
-            return sd_pipe.unet(*args).sample
+            return two_level_pipe.unet(*args).sample
 
         direct = Worker(direct_call)
-        actual = latents(sd_pipe, seed=1, steps=6, callback_on_step_end=hold)
+        actual = latents(two_level_pipe, seed=1, steps=6, callback_on_step_end=hold)
         noise = direct.outcome()
     with torch.no_grad():
-        reference = sd_pipe.unet(*args).sample  # plain diffusers (disabled)
+        reference = two_level_pipe.unet(*args).sample  # plain diffusers (disabled)
     assert overlapped == [False], "the direct U-Net call ran in the middle of the pipeline call"
     assert max_diff(actual, expected) == 0.0
     # It followed another thread's pipeline call: it starts afresh, a refresh (the full U-Net).
@@ -345,33 +346,33 @@ def test_a_direct_unet_call_from_another_thread_waits_for_the_pipeline_call(sd_p
 
 
 # -- item 6: every error a FastCacheError; strict honoured without compile ----------------------------
-def test_a_disabled_handle_raises_a_fastcache_error(sd_pipe):
-    handle = fastcache.accelerate(sd_pipe, compile=False)
+def test_a_disabled_handle_raises_a_fastcache_error(two_level_pipe):
+    handle = fastcache.accelerate(two_level_pipe, compile=False)
     handle.disable()
     with pytest.raises(HandleDisabledError, match="disabled"):
         handle.warmup(height=64, width=64)
     with pytest.raises(HandleDisabledError, match="disabled"):
-        handle.attach(StableDiffusionImg2ImgPipeline(**sd_pipe.components))
+        handle.attach(StableDiffusionImg2ImgPipeline(**two_level_pipe.components))
     with pytest.raises(HandleDisabledError, match="disabled"):
         handle.reset()
     assert handle.memory().total == 0  # still answers: nothing held
     assert issubclass(HandleDisabledError, FastCacheError) and issubclass(HandleDisabledError, RuntimeError)
-    assert_untouched(sd_pipe)
+    assert_untouched(two_level_pipe)
 
 
-def test_strict_is_honoured_without_compile(sd_pipe, deepcache_4_steps):
+def test_strict_is_honoured_without_compile(two_level_pipe, deepcache_4_steps):
     """Before the fix strict=True with compile=False was silently ignored."""
-    with accelerated(sd_pipe, cache_interval=3, compile=False, strict=True) as handle:
+    with accelerated(two_level_pipe, cache_interval=3, compile=False, strict=True) as handle:
         with pytest.raises(ShapeNotWarmedError, match="no graph was warmed up for batch 2, latents 4x16x16"):
-            latents(sd_pipe, steps=4)
+            latents(two_level_pipe, steps=4)
         handle.warmup(height=128, width=128)
-        actual = latents(sd_pipe, steps=4)
+        actual = latents(two_level_pipe, steps=4)
         with pytest.raises(ShapeNotWarmedError, match=r"4x8x8(.|\n)*warmed shapes: batch 2, latents 4x16x16"):
-            latents(sd_pipe, steps=2, height=64, width=64)
+            latents(two_level_pipe, steps=2, height=64, width=64)
         # a warmed size in another dtype: the advice is about the dtype, not about warming a size
         with pytest.raises(ShapeNotWarmedError, match="latents are float64 and every warmed shape's float32: "
                                                       "plain diffusers fails"):
-            latents(sd_pipe, steps=2, latents=torch.zeros(1, 4, 16, 16, dtype=torch.float64))
+            latents(two_level_pipe, steps=2, latents=torch.zeros(1, 4, 16, 16, dtype=torch.float64))
         assert handle.enabled
     assert_close_relative(actual, deepcache_4_steps, DEEPCACHE_RTOL)
 
@@ -403,76 +404,76 @@ def _has_own_forward(unet) -> bool:
 def _replacement_unet(sample_size: int) -> torch.nn.Module:
     """Another U-Net of the same architecture (other random weights, possibly another sample size)."""
     torch.manual_seed(7)
-    return tiny_sd_unet(sample_size=sample_size).eval()
+    return two_level_sd_unet(sample_size=sample_size).eval()
 
 
 @pytest.mark.parametrize("runtime_name", sorted(RUNTIMES))
-def test_a_replaced_unet_gives_the_images_of_accelerating_it_afresh(sd_pipe, runtime_name):
+def test_a_replaced_unet_gives_the_images_of_accelerating_it_afresh(two_level_pipe, runtime_name):
     """``pipe.unet = other`` (sample size 8: the default call becomes 64 px). Before the fix the next
     call raised."""
-    original, replacement = sd_pipe.unet, _replacement_unet(sample_size=8)
+    original, replacement = two_level_pipe.unet, _replacement_unet(sample_size=8)
     options = dict(cache_interval=3, **RUNTIMES[runtime_name])
     try:
-        sd_pipe.unet = replacement
-        with accelerated(sd_pipe, **options):
-            expected = latents(sd_pipe, steps=4)
-        sd_pipe.unet = original
-        with accelerated(sd_pipe, **options) as handle:
-            before = latents(sd_pipe, steps=4)
-            sd_pipe.unet = replacement
-            actual = latents(sd_pipe, steps=4)
+        two_level_pipe.unet = replacement
+        with accelerated(two_level_pipe, **options):
+            expected = latents(two_level_pipe, steps=4)
+        two_level_pipe.unet = original
+        with accelerated(two_level_pipe, **options) as handle:
+            before = latents(two_level_pipe, steps=4)
+            two_level_pipe.unet = replacement
+            actual = latents(two_level_pipe, steps=4)
             assert _has_own_forward(original), "the previous U-Net must get its own forward back"
-            assert sd_pipe.unet.forward.__self__ is handle
-        assert_untouched(sd_pipe)
+            assert two_level_pipe.unet.forward.__self__ is handle
+        assert_untouched(two_level_pipe)
     finally:
-        sd_pipe.unet = original
+        two_level_pipe.unet = original
     assert actual.shape == (1, 4, 8, 8) and before.shape == (1, 4, 16, 16)
     assert max_diff(actual, expected) == 0.0
 
 
-def test_reset_accelerates_a_replaced_unet_for_a_custom_loop(sd_pipe):
+def test_reset_accelerates_a_replaced_unet_for_a_custom_loop(two_level_pipe):
     """A custom loop calls ``pipe.unet`` directly: reset() adopts the replacement, so the loop's
     calls run fastcache on it, as a handle made afresh for it does."""
-    original, replacement = sd_pipe.unet, _replacement_unet(sample_size=16)
+    original, replacement = two_level_pipe.unet, _replacement_unet(sample_size=16)
     generator = torch.Generator().manual_seed(5)
     args = (torch.randn(2, 4, 16, 16, generator=generator), 500, torch.randn(2, 77, 32, generator=generator))
 
     def loop(handle):
         handle.reset()
-        return [sd_pipe.unet(*args).sample for _ in range(3)]
+        return [two_level_pipe.unet(*args).sample for _ in range(3)]
 
     try:
-        sd_pipe.unet = replacement
-        with accelerated(sd_pipe, cache_interval=2, compile=False) as handle:
+        two_level_pipe.unet = replacement
+        with accelerated(two_level_pipe, cache_interval=2, compile=False) as handle:
             expected = loop(handle)
-        sd_pipe.unet = original
-        with accelerated(sd_pipe, cache_interval=2, compile=False) as handle:
+        two_level_pipe.unet = original
+        with accelerated(two_level_pipe, cache_interval=2, compile=False) as handle:
             loop(handle)
-            sd_pipe.unet = replacement
+            two_level_pipe.unet = replacement
             actual = loop(handle)
             assert handle.stats.last_call[-3:] == [True, False, True]
             assert _has_own_forward(original)
     finally:
-        sd_pipe.unet = original
+        two_level_pipe.unet = original
     for result, reference in zip(actual, expected):
         assert max_diff(result, reference) == 0.0
 
 
-def test_a_replaced_unet_in_strict_mode_is_prepared_for_the_served_shapes_only(sd_pipe):
-    original, replacement = sd_pipe.unet, _replacement_unet(sample_size=16)
+def test_a_replaced_unet_in_strict_mode_is_prepared_for_the_served_shapes_only(two_level_pipe):
+    original, replacement = two_level_pipe.unet, _replacement_unet(sample_size=16)
     try:
-        sd_pipe.unet = replacement
-        with accelerated(sd_pipe, cache_interval=3, compile=False, emulate_graphs=True):
-            expected = latents(sd_pipe, steps=4)
-        sd_pipe.unet = original
-        with accelerated(sd_pipe, cache_interval=3, compile=False, emulate_graphs=True, strict=True) as handle:
+        two_level_pipe.unet = replacement
+        with accelerated(two_level_pipe, cache_interval=3, compile=False, emulate_graphs=True):
+            expected = latents(two_level_pipe, steps=4)
+        two_level_pipe.unet = original
+        with accelerated(two_level_pipe, cache_interval=3, compile=False, emulate_graphs=True, strict=True) as handle:
             handle.warmup(height=128, width=128)
-            sd_pipe.unet = replacement
-            actual = latents(sd_pipe, steps=4)
+            two_level_pipe.unet = replacement
+            actual = latents(two_level_pipe, steps=4)
             with pytest.raises(ShapeNotWarmedError, match="4x8x8"):
-                latents(sd_pipe, steps=2, height=64, width=64)
+                latents(two_level_pipe, steps=2, height=64, width=64)
     finally:
-        sd_pipe.unet = original
+        two_level_pipe.unet = original
     assert max_diff(actual, expected) == 0.0
 
 

@@ -215,20 +215,20 @@ def test_compiled_matches_eager(sd_pipe):
 
 
 @pytest.mark.parametrize("emulate_graphs", [False, True])
-def test_graph_limit_counts_every_graph_of_a_function(sd_pipe, monkeypatch, caplog, emulate_graphs):
+def test_graph_limit_counts_every_graph_of_a_function(two_level_pipe, monkeypatch, caplog, emulate_graphs):
     """RECOMPILE_LIMIT counts graphs per compiled function, as dynamo counts per code object: the
     full TGATE function's second graph (the unguided batch's) is past a limit of 1, so that shape
     runs on the eager split, which reads the cross-attention means the compiled (or captured)
     guided step stored: the same result, call after call."""
     from fastcache import runtime
 
-    expected, _ = fastcache_latents(sd_pipe, 2, 2, 3, steps=6, compile=False, **SA_OPTIONS)
+    expected, _ = fastcache_latents(two_level_pipe, 2, 2, 3, steps=6, compile=False, **SA_OPTIONS)
     monkeypatch.setattr(runtime, "RECOMPILE_LIMIT", 1)
-    with accelerated(sd_pipe, cache_interval=2, cache_branch_id=2, gate_step=3, compile_backend="eager",
+    with accelerated(two_level_pipe, cache_interval=2, cache_branch_id=2, gate_step=3, compile_backend="eager",
                      emulate_graphs=emulate_graphs, **SA_OPTIONS) as handle, \
             caplog.at_level("WARNING", logger="fastcache"):
-        first = latents(sd_pipe, steps=6)
-        second = latents(sd_pipe, steps=6)
+        first = latents(two_level_pipe, steps=6)
+        second = latents(two_level_pipe, steps=6)
         if emulate_graphs:  # every step on the TGATE functions; the guided key's third graph is past the limit
             assert handle.compilations == 2 and len(handle.eager_shapes) == 2
         else:  # plain full and shallow, and the full TGATE function storing the attention means
@@ -256,14 +256,14 @@ def test_emulated_graphs_match_eager(request, pipe_name, tgate):
 
 @pytest.mark.parametrize("runtime", [dict(compile_backend="eager"), dict(compile_backend="eager", emulate_graphs=True)],
                          ids=["compiled", "emulated-graphs"])
-def test_strict_names_an_unwarmed_attention_plan_and_the_step_count_to_warm(sd_pipe, runtime):
+def test_strict_names_an_unwarmed_attention_plan_and_the_step_count_to_warm(two_level_pipe, runtime):
     """With self-attention caching, the attention plans depend on the number of steps: a warm-up
     at another count leaves a plan unprepared, and the error says so (not 'warm this size')."""
-    with accelerated(sd_pipe, cache_interval=3, gate_step=4, strict=True, **SA_OPTIONS, **runtime) as handle:
+    with accelerated(two_level_pipe, cache_interval=3, gate_step=4, strict=True, **SA_OPTIONS, **runtime) as handle:
         handle.warmup(num_inference_steps=6)
         with pytest.raises(ShapeNotWarmedError, match=r"was warmed up, but not with this call's TGATE attention "
                                                       r"plan(.|\n)*num_inference_steps set to the count you serve"):
-            latents(sd_pipe, steps=9)
+            latents(two_level_pipe, steps=9)
         assert handle.enabled
 
 
@@ -287,14 +287,14 @@ def test_memory_report_counts_tgates_buffers_beside_the_pool(sd_pipe):
     assert graphs.kept_features == 0
 
 
-def test_warmup_prepares_every_graph_for_strict_serving(sd_pipe):
+def test_warmup_prepares_every_graph_for_strict_serving(two_level_pipe):
     """Compiled and captured (emulated), strict: warm-up prepares every graph a call uses."""
-    expected, _ = fastcache_latents(sd_pipe, 2, 0, 3, steps=6, compile=False)
-    with accelerated(sd_pipe, cache_interval=2, gate_step=3, compile_backend="eager", emulate_graphs=True,
+    expected, _ = fastcache_latents(two_level_pipe, 2, 0, 3, steps=6, compile=False)
+    with accelerated(two_level_pipe, cache_interval=2, gate_step=3, compile_backend="eager", emulate_graphs=True,
                      strict=True) as handle:
         report = handle.warmup(num_inference_steps=6)
         compiled = handle.compilations
-        actual = latents(sd_pipe, steps=6)
+        actual = latents(two_level_pipe, steps=6)
         assert handle.compilations == compiled  # nothing compiled or captured while serving
     # plain full + shallow, full storing the cross-attention means (gate - 1), full and shallow
     # reading them at the unguided batch

@@ -129,8 +129,8 @@ INFERENCE_MODE_RUNTIMES = {
 
 
 @pytest.fixture(scope="module")
-def deepcache_6_steps(sd_pipe):
-    return deepcache_latents(sd_pipe, 3, 0, steps=6)
+def deepcache_6_steps(two_level_pipe):
+    return deepcache_latents(two_level_pipe, 3, 0, steps=6)
 
 
 @pytest.mark.covers("torch.inference_mode around warmup or calls", "= DeepCache")
@@ -138,19 +138,19 @@ def deepcache_6_steps(sd_pipe):
 @pytest.mark.covers("torch.inference_mode around warmup or calls", "emulated CUDA Graphs")
 @pytest.mark.parametrize("warm_in_inference_mode", [True, False], ids=["warm-inference", "warm-no-grad"])
 @pytest.mark.parametrize("runtime", sorted(INFERENCE_MODE_RUNTIMES))
-def test_torch_inference_mode_in_warmup_or_serving_changes_nothing(sd_pipe, deepcache_6_steps, runtime,
+def test_torch_inference_mode_in_warmup_or_serving_changes_nothing(two_level_pipe, deepcache_6_steps, runtime,
                                                                    warm_in_inference_mode):
     """Servers often run under torch.inference_mode. Before the fix, a warm-up under it made the
     static buffers inference tensors (a later call outside it failed writing them) and compiled
     graphs a call outside it did not match (strict serving refused the recompile)."""
     expected = deepcache_6_steps
-    with accelerated(sd_pipe, cache_interval=3, **INFERENCE_MODE_RUNTIMES[runtime]) as handle:
+    with accelerated(two_level_pipe, cache_interval=3, **INFERENCE_MODE_RUNTIMES[runtime]) as handle:
         with torch.inference_mode(warm_in_inference_mode):
             handle.warmup(height=128, width=128)
         compilations = handle.compilations
         for serve_in_inference_mode in (not warm_in_inference_mode, warm_in_inference_mode):
             with torch.inference_mode(serve_in_inference_mode):
-                actual = latents(sd_pipe, steps=6)
+                actual = latents(two_level_pipe, steps=6)
             assert max_diff(actual, expected) <= 1e-5, f"served in inference mode: {serve_in_inference_mode}"
         assert handle.compilations == compilations
         assert handle.stats.cached_steps > 0
