@@ -39,10 +39,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key-0123456789"
 FAULT = "please fail"
 STEPS = 4  # DDIM, interval 3: steps 0 and 3 refresh, 1 and 2 are cached
+MAX_CONNECTIONS = 32  # well above what the tests below hold open at once
 FLAGS = [
     "--compile-backend", "eager", "--threads", "1", "--batch-sizes", "1,4", "--default-steps", str(STEPS),
     "--max-steps", "400", "--max-batch-delay-ms", "300", "--max-queue", "4", "--request-timeout", "300",
-    "--max-body-bytes", "16384", "--body-timeout", "2", "--fault-prompt", FAULT,
+    "--max-body-bytes", "16384", "--body-timeout", "2", "--max-connections", str(MAX_CONNECTIONS), "--fault-prompt", FAULT,
 ]
 
 
@@ -348,6 +349,22 @@ def test_a_stalled_body_gets_408_and_frees_its_connection(server):
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), answer
     assert "--body-timeout" in json.loads(body)["error"]["message"]
+
+
+def test_connections_past_max_connections_get_503_until_some_close(server):
+    """Idle connections count (a client that connects and sends nothing holds a file descriptor):
+    with --max-connections of them open, a request gets 503 and its connection is closed; once
+    they close, requests are served again."""
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.5)  # the server accepts them in order, before the request below
+        refused = requests.get(server.url + "/health", timeout=60)
+        assert refused.status_code == 503 and refused.text == "Service Unavailable"
+        assert refused.headers["connection"] == "close"
+    finally:
+        for connection in idle:
+            connection.close()
+    wait_for(lambda: requests.get(server.url + "/health", timeout=60).status_code == 200, timeout=30)
 
 
 def test_a_streamed_oversized_body_gets_413(server):

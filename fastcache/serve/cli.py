@@ -75,7 +75,8 @@ def serve(config: ServeConfig) -> int:
     engine = Engine(config)
     app = build_app(engine)
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, access_log=config.access_log,
-                                    log_level="info", timeout_graceful_shutdown=config.request_timeout)
+                                    log_level="info", timeout_graceful_shutdown=config.request_timeout,
+                                    limit_concurrency=config.connection_limit)
     server = _draining_server_class()(uvicorn_config, engine)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: the server is reachable from other machines%s", config.host,

@@ -96,6 +96,11 @@ class ServeConfig:
     body_timeout: float = field(default=30.0, metadata=_flag(
         "seconds a request body may take to arrive; a slower one gets 408 (a stalled client holds no "
         "connection forever, nor a shutdown)", float))
+    max_connections: int | None = field(default=None, metadata=_flag(
+        "open connections (idle keep-alive ones included) past which a request gets uvicorn's plain "
+        "503 and its connection is closed, so file descriptors and memory stay bounded (default: 512, "
+        "or --max-queue + the largest batch + 2 where that is more; this process only: Ray's proxy "
+        "has its own)", int))
     access_log: bool = field(default=False, metadata=_flag("log every HTTP request (uvicorn's access log)"))
     # -- batching, queueing, timeouts -----------------------------------------------------------
     max_queue: int = field(default=64, metadata=_flag("requests waiting for the pipeline; more get 429", int))
@@ -127,6 +132,16 @@ class ServeConfig:
         return max(self.batch_sizes)
 
     @property
+    def least_connections(self) -> int:
+        """The queued requests' connections, a running call's (one request per image at most), and
+        one each for /health and /metrics."""
+        return self.max_queue + self.images_per_call + 2
+
+    @property
+    def connection_limit(self) -> int:
+        return self.max_connections or max(512, self.least_connections)
+
+    @property
     def images_per_call(self) -> int:
         """The most images one pipeline call may combine from several requests."""
         return self.max_batch_size or self.largest_batch
@@ -156,6 +171,10 @@ class ServeConfig:
             problems.append("--request-timeout must be positive")
         if self.body_timeout <= 0:
             problems.append("--body-timeout must be positive")
+        if self.max_connections is not None and self.max_connections < self.least_connections:
+            problems.append(f"--max-connections must be at least --max-queue + the largest batch + 2 "
+                            f"({self.least_connections}): the queued requests' connections, a running "
+                            "call's, and one each for /health and /metrics")
         if self.max_body_bytes < 1024:
             problems.append("--max-body-bytes must be at least 1024")
         if not 0 < self.port < 65536:

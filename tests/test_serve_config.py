@@ -1,0 +1,44 @@
+"""`python -m fastcache serve` flags: values out of range are refused before anything loads, each
+with a message naming the flag and what it allows."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from fastcache.serve.config import ServeConfig, add_arguments, from_args  # noqa: E402
+
+
+def _config(*flags: str) -> ServeConfig:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return from_args(parser.parse_args(list(flags)))
+
+
+def test_the_connection_limit_defaults_to_512_or_what_the_queue_needs():
+    assert _config().connection_limit == 512
+    assert _config("--max-queue", "1000").connection_limit == 1006  # 1000 queued + 4 running + 2 probes
+    assert _config("--max-connections", "80").connection_limit == 80
+
+
+@pytest.mark.parametrize("flags, message", [
+    # 8 queued + 4 images in the running call + /health + /metrics
+    (["--max-queue", "8", "--max-connections", "13"], r"--max-connections must be at least .*\(14\)"),
+    (["--max-queue", "1000", "--max-connections", "1000"], r"--max-connections must be at least .*\(1006\)"),
+    (["--max-queue", "0"], "--max-queue must be at least 1"),
+    (["--body-timeout", "0"], "--body-timeout must be positive"),
+    (["--max-body-bytes", "512"], "--max-body-bytes must be at least 1024"),
+    (["--sizes", "100x128"], "positive multiples of 8"),
+    (["--batch-sizes", "1,4", "--max-batch-size", "5"], r"--max-batch-size must be in 1\.\.4"),
+    (["--default-steps", "200"], r"--default-steps must be in 1\.\.--max-steps"),
+])
+def test_values_out_of_range_are_refused_with_the_flag_and_its_range(flags, message):
+    with pytest.raises(ValueError, match=message):
+        _config(*flags)
+
+
+def test_the_smallest_allowed_connection_limit_is_accepted():
+    assert _config("--max-queue", "8", "--max-connections", "14").connection_limit == 14
