@@ -420,13 +420,29 @@ def dynamo_config_is_thread_local() -> bool:
 @functools.lru_cache(maxsize=1)
 def _warn_strict_is_weaker() -> None:
     """Once per process: strict serving on a torch whose dynamo settings are process-wide."""
+    logger.warning(
+        "strict=True on torch %s: a recompilation of a warmed shape (a dynamo guard failing) is not refused; "
+        "torch >= 2.13 keeps dynamo's settings per thread, which strict serving needs", torch.__version__)
+
+
+@functools.lru_cache(maxsize=1)
+def _raise_process_wide_recompile_limit() -> None:
+    """Once per process, on a torch whose dynamo settings are process-wide: raise dynamo's
+    recompile limit to what torch 2.13 gets per call. Every handle's graphs of a U-Net function
+    count against one code object, so dynamo's default of 8 failed the 9th shape of the process
+    (a server with 3 sizes and 3 batch sizes; the test suite on torch 2.11). Raising it changes
+    other compiled functions of the process too: they may recompile more before dynamo gives up
+    on them. A patch around each call would not be safer: two threads' patches interleave."""
     import torch._dynamo
 
-    logger.warning(
-        "strict=True on torch %s: a recompilation of a warmed shape (a dynamo guard failing) is not refused, "
-        "and dynamo's own limit of %d graphs per function applies instead of fastcache's %d with its eager "
-        "fallback; torch >= 2.13 keeps dynamo's settings per thread, which strict serving needs for both",
-        torch.__version__, getattr(torch._dynamo.config, "recompile_limit", 8), RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    limit = max(RECOMPILE_LIMIT, config.accumulated_recompile_limit)
+    if config.recompile_limit < limit:
+        logger.warning(
+            "torch %s keeps dynamo's settings process-wide: fastcache raised torch._dynamo.config.recompile_limit "
+            "from %d to %d for the whole process (its U-Net functions hold a graph per shape, for every handle)",
+            torch.__version__, config.recompile_limit, limit)
+        config.recompile_limit = limit
 
 
 @contextlib.contextmanager
@@ -440,11 +456,12 @@ def dynamo_policy(fail_on_recompile: bool) -> Iterator[None]:
     any recompilation raises RecompileError (strict serving of a warmed key). These are dynamo
     config values, which torch 2.13 keeps per thread, so nothing leaks to another thread's
     functions, whatever the interleaving. torch's ``set_stance`` is process-wide and is not used.
-    On an older torch, whose config patches are process-wide, nothing is changed: dynamo's own
-    limit then applies (its default 8; reaching it raises as fullgraph functions do) and a
-    recompilation of a warmed key is not refused.
+    On an older torch, whose config patches are process-wide, the recompile limit is raised once
+    for the process (`_raise_process_wide_recompile_limit`) and a recompilation of a warmed key is
+    not refused.
     """
     if not dynamo_config_is_thread_local():
+        _raise_process_wide_recompile_limit()
         if fail_on_recompile:
             _warn_strict_is_weaker()
         yield
