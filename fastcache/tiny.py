@@ -86,9 +86,10 @@ def tiny_sd_unet(sample_size: int = 16, in_channels: int = 4, **variant: Any) ->
 
 
 def two_level_sd_unet(sample_size: int = 16) -> Any:
-    """SD 1.x's block types at two levels of one layer each (4 branches): a third of the tiny
-    U-Net's modules, so a third of its dynamo trace and inductor compile. For tests of runtime
-    mechanics (strict serving, recompile counts, compile caches) that need no deep U-Net."""
+    """SD 1.x's block types at two levels of one layer each (4 branches): about half the tiny
+    U-Net's dynamo trace and inductor compile (warm-up 3.4 against 6.2 s, a cold compile 38
+    against 74 s on 2 CPU cores). For tests of runtime mechanics (strict serving, recompile
+    counts, compile caches) that need no deep U-Net."""
     return tiny_sd_unet(sample_size, block_out_channels=(16, 32), layers_per_block=1,
                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))

@@ -4,8 +4,8 @@ Each test forces the situation the issue describes (thread interleavings through
 backend or capture, a small recompile limit, a replaced U-Net, diffusers hooks) and checks the
 result against a reference: DeepCache's helper, the eager split, the plain pipeline or the same
 handle's output before the event, with the stated tolerance. Dynamo runs use the "eager" backend
-(tracing only; no inductor compile on two CPU cores) on the two-level SD pipeline (a third of the
-tiny U-Net's trace): what is tested here is the runtime, not the U-Net's depth.
+(tracing only; no inductor compile on two CPU cores) on the two-level SD pipeline (half the tiny
+U-Net's trace): what is tested here is the runtime, not the U-Net's depth.
 """
 
 from __future__ import annotations
