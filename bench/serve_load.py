@@ -3,7 +3,8 @@ and fastcache (with and without batching), driven the same way, side by side in 
 
     python -m bench serve-load --preset tiny --concurrency 1,4,8 --requests 64 --soak-requests 1000
 
-For each server: start it (``--accelerator none|deepcache|fastcache``, the same flags otherwise),
+For each server: start it (``--accelerator none|deepcache|fastcache``, the same flags otherwise;
+``fastcache-tgate`` adds ``--gate-step``, and runs only when named in ``--servers``),
 wait for /ready, then
 
 1. closed loop: at each concurrency level, that many clients each send a request as soon as their
@@ -45,7 +46,14 @@ SERVERS = {  # name -> the flags that differ between the servers
     "deepcache": ["--accelerator", "deepcache"],
     "fastcache": ["--accelerator", "fastcache"],
     "fastcache-no-batching": ["--accelerator", "fastcache", "--no-batching"],
+    "fastcache-tgate": ["--accelerator", "fastcache"],  # + --gate-step (own_flags)
 }
+DEFAULT_SERVERS = ("diffusers", "deepcache", "fastcache", "fastcache-no-batching")
+
+
+def own_flags(name: str, args: argparse.Namespace) -> list[str]:
+    """The flags of server `name` on top of the shared ones."""
+    return SERVERS[name] + (["--gate-step", str(args.gate_step)] if name == "fastcache-tgate" else [])
 
 
 # -- a server in a subprocess -------------------------------------------------------------------
@@ -364,6 +372,9 @@ def targets(servers: dict[str, dict[str, Any]], concurrency: int) -> list[tuple[
                      fast >= 2 * plain))
     if fast and deep:
         rows.append((f"fastcache > DeepCache images/s at c={concurrency}", f"{fast / deep:.2f}x", fast > deep))
+    gated = rate("fastcache-tgate")
+    if fast and gated:
+        rows.append((f"fastcache-tgate over fastcache images/s at c={concurrency} (no target)", f"{gated / fast:.2f}x", None))
     for name, result in servers.items():
         errors = sum(phase["errors"] for phase in result["phases"]) + (result["sample_status"] != 200)
         rows.append((f"{name}: 0 errors", str(errors), errors == 0))
@@ -432,7 +443,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", choices=("tiny", "cpu-small", "sd15", "sd21", "sdxl"),
                         help="the pipeline the servers load (random weights; tiny is the server's default)")
     parser.add_argument("--model", default=None, help="a diffusers folder instead of the preset's pipeline")
-    parser.add_argument("--servers", default=",".join(SERVERS),
+    parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
                         help=f"comma-separated, from {', '.join(SERVERS)}")
     parser.add_argument("--url", default=None, help="drive this running server instead of starting any")
     parser.add_argument("--api-key", default=None, help="for --url")
@@ -454,6 +465,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=1800.0)
     parser.add_argument("--cache-interval", type=int, default=3)
     parser.add_argument("--cache-branch-id", type=int, default=0)
+    parser.add_argument("--gate-step", type=int, default=10, help="the fastcache-tgate server's --gate-step")
     parser.add_argument("--compile-backend", default="inductor", help="fastcache's (eager: the smoke test)")
     parser.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto")
     parser.add_argument("--device", default=None)
@@ -500,12 +512,12 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
             model_dir = _model_folder(args, root)
             base_flags = _server_flags(args, model_dir)
             for name in args.servers.split(","):
-                server = ServerProcess(base_flags + SERVERS[name], log_path=os.path.join(root, f"{name}.log"))
+                server = ServerProcess(base_flags + own_flags(name, args), log_path=os.path.join(root, f"{name}.log"))
                 print(f"{name}: starting {shlex.join(server.flags)}", flush=True)
                 server.start()
                 try:
                     server.wait_ready(args.ready_timeout)
-                    servers[name] = {"flags": SERVERS[name],
+                    servers[name] = {"flags": own_flags(name, args),
                                      **drive(server.url, server.headers, settings, args, server.metrics)}
                 finally:
                     status = server.stop()

@@ -1,8 +1,9 @@
-"""``python -m bench serve-load``: a smoke run of the load test (four servers, a few requests each).
+"""``python -m bench serve-load``: a smoke run of the load test (five servers, a few requests each).
 
 No timing is asserted (this machine is shared): the run must complete, drive every server through
 every phase without errors, and write what it measured. The images double-check the servers: the
-same request gives fastcache's image with and without batching, and DeepCache's within a level.
+same request gives fastcache's image with and without batching, and DeepCache's within a level;
+with TGATE (gate 2 of 4 steps) another.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVERS = ["diffusers", "deepcache", "fastcache", "fastcache-no-batching"]
+SERVERS = ["diffusers", "deepcache", "fastcache", "fastcache-no-batching", "fastcache-tgate"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve-load")
     command = [sys.executable, "-m", "bench", "serve-load", "--preset", "tiny", "--compile-backend", "eager",
                "--threads", "1", "--batch-sizes", "1,2", "--steps", "4", "--concurrency", "1,2", "--requests", "4",
-               "--open-requests", "4", "--soak-requests", "4", "--out", str(out)]
+               "--open-requests", "4", "--soak-requests", "4", "--servers", ",".join(SERVERS), "--gate-step", "2",
+               "--out", str(out)]
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     [name] = [name for name in os.listdir(out) if name.startswith("serve-load-tiny-") and name.endswith(".json")]
@@ -52,6 +54,10 @@ def test_every_server_runs_every_phase_without_errors(smoke):
         steps = result["servers"][name]["unet_steps"]
         assert steps["refresh"] == steps["cached"] > 0
     assert result["servers"]["diffusers"]["unet_steps"] == {"refresh": 0, "cached": 0}  # fastcache counts only
+    # TGATE, gate 2: refreshes at steps 0, 1 (gate - 1) and 2 (the gate), the step after is cached
+    steps = result["servers"]["fastcache-tgate"]["unet_steps"]
+    assert steps["refresh"] == 3 * steps["cached"] > 0
+    assert result["servers"]["fastcache-tgate"]["flags"] == ["--accelerator", "fastcache", "--gate-step", "2"]
 
 
 def test_report_files_and_sample_images(smoke):
@@ -66,6 +72,7 @@ def test_report_files_and_sample_images(smoke):
     assert np.array_equal(images["fastcache"], images["fastcache-no-batching"])  # one request alone: batch 1
     assert np.abs(images["fastcache"] - images["deepcache"]).max() <= 1  # the same algorithm as DeepCache
     assert np.abs(images["fastcache"] - images["diffusers"]).max() > 1  # caching changes this random model's image
+    assert not np.array_equal(images["fastcache-tgate"], images["fastcache"])  # no guidance after the gate
 
 
 def test_a_preset_other_than_tiny_is_saved_as_a_folder_the_servers_load(tmp_path):

@@ -78,13 +78,17 @@ class FastCacheAccelerator(Accelerator):
         super().__init__(pipe, config)
         import fastcache
 
+        if config.gate_step is not None and pipe.unet.config.time_cond_proj_dim is not None:
+            raise ValueError("--gate-step (TGATE) needs classifier-free guidance, and this model's U-Net embeds "
+                             "guidance (time_cond_proj_dim, LCM-style), so it runs without; serve it without --gate-step")
         self.handle = fastcache.accelerate(
             pipe, cache_interval=config.cache_interval, cache_branch_id=config.cache_branch_id,
-            compile_backend=config.compile_backend, strict=True,
+            gate_step=config.gate_step, compile_backend=config.compile_backend, strict=True,
         )
         self._baseline = 0
 
     def warm(self, width: int, height: int, batch_size: int, guidance_scale: float) -> None:
+        # With --gate-step, warmup's default step count runs TGATE's whole plan: every graph.
         report = self.handle.warmup(height=height, width=width, batch_size=batch_size, guidance_scale=guidance_scale)
         logger.info("warmed %dx%d batch %d in %.1f s: %d graphs compiled, new shapes %s", width, height,
                     batch_size, report.seconds, report.compilations, list(report.new_shapes))

@@ -77,6 +77,10 @@ class ServeConfig:
         "diffusers); the same server otherwise, so the three can be compared", choices=ACCELERATORS))
     cache_interval: int = field(default=3, metadata=_flag("DeepCache's cache_interval (fastcache, deepcache)", int))
     cache_branch_id: int = field(default=0, metadata=_flag("DeepCache's cache_branch_id (fastcache, deepcache)", int))
+    gate_step: int | None = field(default=None, metadata=_flag(
+        "TGATE on top of fastcache from this step on: no classifier-free guidance after it, "
+        "cross-attention reused (accelerate's gate_step; --accelerator fastcache, a model with guidance); "
+        "a request with no more steps than this runs plain fastcache", int))
     compile_backend: str = field(default="inductor", metadata=_flag(
         "fastcache's torch.compile backend (eager: dynamo only, for tests)"))
     compile_cache: str | None = field(default=None, metadata=_flag(
@@ -159,6 +163,10 @@ class ServeConfig:
             problems.append(f"--max-batch-size must be in 1..{self.largest_batch} (the largest of --batch-sizes)")
         if self.cache_interval < 1:
             problems.append("--cache-interval must be at least 1")
+        if self.gate_step is not None and self.gate_step < 1:
+            problems.append("--gate-step must be at least 1")
+        if self.gate_step is not None and self.accelerator != "fastcache":
+            problems.append(f"--gate-step needs --accelerator fastcache (got {self.accelerator})")
         if not 1 <= self.default_steps <= self.max_steps:
             problems.append("--default-steps must be in 1..--max-steps")
         if not 1.0 < self.default_guidance_scale <= 100.0:
