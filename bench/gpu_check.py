@@ -344,7 +344,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = ["# GPU check summary", ""]
     if summary["dry_run"]:
         lines += ["**Dry run**: the tiny presets on this machine's device, 2 steps, dynamo's eager backend. "
-                  "The figures test the script, not fastcache's speed; the targets are for the H200 run.", ""]
+                  "The figures test the script, not fastcache's speed; the targets are for the GPU run.", ""]
     lines += [f"Budget {summary['budget_s']:.0f} s, took {summary['total_s']:.0f} s.", "",
               "| part | status | seconds | timeout s | note |", "|---|---|---|---|---|"]
     for part in summary["parts"]:
