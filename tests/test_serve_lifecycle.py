@@ -42,9 +42,14 @@ def server():
                                            json={"prompt": "too early", "num_inference_steps": 3})
             except requests.Timeout:  # accepted: the server became ready in between (it waits for partners)
                 continue
+            # What is kept of the answer, not the Response, which holds its connection open: a
+            # few hundred of them would pass the server's --max-connections and get uvicorn's 503.
+            answer = (generation.status_code, generation.headers.get("Retry-After"), generation.json())
+            generation.close()
             after = requests.get(process.url + "/ready", timeout=10)
             if after.status_code == 503:  # still not ready after the request, so not ready at it either
-                early.append((ready.status_code, ready.json()["status"], generation))
+                early.append((ready.status_code, ready.json()["status"], answer))
+            time.sleep(0.01)  # a probe's pace, not a flood
         # An early request accepted at the very end must not linger into the tests (it shares nothing
         # with them: its steps are its own; its client is gone, so it is dropped at the latest at its deadline).
         wait_for(lambda: gauge(process, "fastcache_serve_queue_depth") == 0
@@ -57,10 +62,10 @@ def server():
 def test_ready_is_503_until_every_shape_is_warmed(server):
     process, early = server
     assert early, "the server was ready before its first answer (nothing to check)"
-    for ready_status, state, generation in early:
+    for ready_status, state, (status, retry_after, body) in early:
         assert ready_status == 503 and state in ("loading", "warming")
-        assert generation.status_code == 503 and int(generation.headers["Retry-After"]) >= 1
-        error = generation.json()["error"]
+        assert status == 503 and int(retry_after) >= 1
+        error = body["error"]
         assert error["type"] == "service_unavailable" and "warming up" in error["message"]
     final = requests.get(process.url + "/ready", timeout=30).json()
     assert final["warmed"] == ["128x128 batch 1", "128x128 batch 2"] and final["accelerator"] == "none"
