@@ -80,7 +80,7 @@ class ServeConfig:
     gate_step: int | None = field(default=None, metadata=_flag(
         "TGATE on top of fastcache from this step on: no classifier-free guidance after it, "
         "cross-attention reused (accelerate's gate_step; --accelerator fastcache, a model with guidance); "
-        "a request with no more steps than this runs plain fastcache", int))
+        "a request with fewer steps than this runs plain fastcache", int))
     compile_backend: str = field(default="inductor", metadata=_flag(
         "fastcache's torch.compile backend (eager: dynamo only, for tests)"))
     compile_cache: str | None = field(default=None, metadata=_flag(
